@@ -1,0 +1,1 @@
+"""vlsi_export: exporters to ONNX, TensorRT and GGUF, with parity validation."""

@@ -1,0 +1,1 @@
+"""vlsi_train: VLsI distillation stages (verbalize, interact, SFT)."""
