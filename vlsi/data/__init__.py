@@ -1,0 +1,1 @@
+"""Data: the synthetic visual-QA generator, loaders for common formats, and encoding."""
