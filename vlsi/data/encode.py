@@ -1,0 +1,143 @@
+"""Records -> token ids, labels and image tensors, and batches of them.
+
+Prompts follow the checkpoint's chat layout (ChatML with a default system turn). Each
+``<image>`` placeholder becomes the adapter's image marker, and the marker's image token
+is repeated once per image feature, exactly as the transformers processors expand it.
+Labels keep only the assistant turns' tokens (their text and closing ``<|im_end|>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DataError
+from .records import IMAGE_PLACEHOLDER, LoadReport, Record, Turn
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    """``IGNORE_INDEX`` everywhere but assistant tokens."""
+    processed: dict | None
+    """The adapter's processed images of this record (None without images)."""
+    record: Record
+
+
+class Encoder:
+    """Turns records into model inputs for one checkpoint (adapter, tokenizer, image processor)."""
+
+    def __init__(self, adapter, tokenizer, image_processor, config, max_length: int = 2048,
+                 system_prompt: str = DEFAULT_SYSTEM):
+        self.adapter = adapter
+        self.tok = tokenizer
+        self.proc = image_processor
+        self.config = config
+        self.max_length = max_length
+        self.system_prompt = system_prompt
+        self.image_token_id = tokenizer.token_to_id(adapter.image_token)
+        self.pad_id = tokenizer.token_to_id("<|endoftext|>")
+        self.eos_ids = [tokenizer.token_to_id("<|im_end|>"), self.pad_id]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, record: Record, for_generation: bool = False) -> Encoded:
+        """Encode a record. ``for_generation`` drops the last assistant turn and ends with the
+        assistant header, ready for decoding."""
+        from .loaders import ensure_rgb
+
+        turns = list(record.turns)
+        if for_generation and turns and turns[-1].role == "assistant":
+            turns = turns[:-1]
+        if not turns or turns[0].role != "system":
+            turns.insert(0, Turn("system", self.system_prompt))
+        ids: list[int] = []
+        labels: list[int] = []
+        for turn in turns:
+            text = turn.text.replace(IMAGE_PLACEHOLDER, self.adapter.image_marker)
+            head = self._ids(f"<|im_start|>{turn.role}\n")
+            body = self._ids(f"{text}<|im_end|>")
+            tail = self._ids("\n")
+            ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head)
+            labels += body if turn.role == "assistant" else [IGNORE_INDEX] * len(body)
+            labels += [IGNORE_INDEX] * len(tail)
+        if for_generation:
+            head = self._ids("<|im_start|>assistant\n")
+            ids += head
+            labels += [IGNORE_INDEX] * len(head)
+
+        processed = None
+        if record.images:
+            images = [ensure_rgb(ref, source=record.source, record=record.id) for ref in record.images]
+            processed = self.adapter.process_images(self.proc, images)
+            ids, labels = self._expand_images(record, ids, labels, processed)
+        if len(ids) > self.max_length:
+            raise DataError(
+                record.source, record.id,
+                f"{len(ids)} tokens is longer than max_length={self.max_length}; raise max_length "
+                f"or drop long samples with the skip option",
+            )
+        return Encoded(ids, labels, processed, record)
+
+    def _expand_images(self, record, ids, labels, processed):
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(where) != len(record.images):
+            raise DataError(record.source, record.id,
+                            f"{len(where)} image markers in the prompt for {len(record.images)} images")
+        out_ids, out_labels, prev = [], [], 0
+        for n, pos in enumerate(where):
+            count = self.adapter.num_image_tokens(processed, n)
+            out_ids += ids[prev:pos] + [self.image_token_id] * count
+            out_labels += labels[prev:pos] + [IGNORE_INDEX] * count
+            prev = pos + 1
+        return out_ids + ids[prev:], out_labels + labels[prev:]
+
+    def encode_all(self, records, for_generation: bool = False, skip_bad: bool = False):
+        """Encode many records; bad ones raise, or with ``skip_bad`` are counted in the report."""
+        out, report = [], LoadReport(path=records[0].source if records else "")
+        for r in records:
+            try:
+                out.append(self.encode(r, for_generation))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                report.skipped.append(f"record {r.id}: {e.reason}")
+        report.kept = len(out)
+        return out, report
+
+    def collate(self, items: list[Encoded], pad_left: bool = False) -> dict:
+        """Pad a list of encoded records into a batch of tensors for the model's forward.
+
+        Training pads on the right; generation pads on the left so every row ends at the
+        same position. Returns ``input_ids``, ``attention_mask``, ``labels``,
+        ``position_ids`` and the adapter's image arguments.
+        """
+        import torch
+
+        width = max(len(it.input_ids) for it in items)
+        ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
+        lab = np.full((len(items), width), IGNORE_INDEX, dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, it in enumerate(items):
+            n = len(it.input_ids)
+            sl = slice(width - n, width) if pad_left else slice(0, n)
+            ids[row, sl] = it.input_ids
+            lab[row, sl] = it.labels
+            mask[row, sl] = 1
+        processed = self.adapter.concat_processed([it.processed for it in items if it.processed])
+        pos = self.adapter.position_ids(self.config, ids, mask, processed)
+        batch = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(lab),
+            "position_ids": torch.from_numpy(pos),
+        }
+        batch.update(self.adapter.forward_image_kwargs(processed))
+        return batch

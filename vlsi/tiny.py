@@ -1,0 +1,126 @@
+"""Tiny teacher and student models built from configs, offline and seeded.
+
+Sizes are chosen so the synthetic task learns on a 2-core CPU in minutes: the teacher is
+wider and deeper than the student; every vision tower is at least 3 blocks deep (llama.cpp's
+Qwen2-VL projector needs it); ``k256`` has text widths that are multiples of 256 so
+llama.cpp's K-quants apply to every text matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden: int
+    """Text hidden width (also the vision merger's output width)."""
+    layers: int
+    """Decoder layers."""
+    heads: int
+    """Attention heads (head_dim = hidden / heads)."""
+    kv_heads: int
+    """Key/value heads (grouped-query attention)."""
+    intermediate: int
+    """Decoder MLP width."""
+    vision_embed: int
+    """Vision tower width."""
+    vision_depth: int
+    """Vision tower blocks (>= 3 for llama.cpp's mmproj)."""
+    vision_heads: int
+    """Vision attention heads."""
+    vision_mlp_ratio: int = 2
+    """Vision MLP expansion; an integer (transformers refuses floats here)."""
+    rope_theta: float = 10000.0
+    """Rotary base of the decoder."""
+    image_size: int = 84
+    """Square image side the tiny image processor keeps (multiple of 28)."""
+
+
+SIZES: dict[str, TinySpec] = {
+    "teacher": TinySpec(hidden=192, layers=8, heads=6, kv_heads=2, intermediate=512,
+                        vision_embed=128, vision_depth=4, vision_heads=4),
+    "student": TinySpec(hidden=96, layers=6, heads=3, kv_heads=1, intermediate=256,
+                        vision_embed=64, vision_depth=3, vision_heads=2),
+    "k256": TinySpec(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768,
+                     vision_embed=64, vision_depth=3, vision_heads=2),
+}
+
+
+def token_ids(tokenizer) -> dict[str, int]:
+    """Ids of the special tokens adapters place, from a ``tokenizers`` or transformers tokenizer."""
+    conv = getattr(tokenizer, "token_to_id", None) or tokenizer.convert_tokens_to_ids
+    names = {
+        "pad": "<|endoftext|>", "eos": "<|im_end|>", "im_start": "<|im_start|>",
+        "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
+        "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>",
+        "image": "<image>", "video": "<video>",
+    }
+    out = {}
+    for key, tok in names.items():
+        i = conv(tok)
+        if i is None:
+            raise ConfigError(f"the tokenizer has no {tok!r} token; vlsi needs Qwen2-VL's special tokens")
+        out[key] = int(i)
+    return out
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Embedding rows for ``n`` tokens, rounded up as Qwen's checkpoints do."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def default_tokenizer():
+    """The shared tiny tokenizer, trained on the synthetic corpus (deterministic)."""
+    from .data.synth import corpus_texts
+    from .tokenizer import build_tokenizer
+
+    return build_tokenizer(corpus_texts())
+
+
+def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: int = 0, tokenizer=None):
+    """Build a randomly initialised tiny model.
+
+    Returns ``(model, tokenizer, image_processor, spec)``; ``tokenizer`` is a
+    ``tokenizers.Tokenizer`` (the default synthetic one unless given).
+    """
+    import torch
+
+    from .adapters import get_adapter
+
+    adapter = get_adapter(arch)
+    if isinstance(size, str):
+        if size not in SIZES:
+            raise ConfigError(f"unknown tiny size {size!r}; choose one of: {', '.join(SIZES)}")
+        spec = SIZES[size]
+    else:
+        spec = size
+    tok = tokenizer if tokenizer is not None else default_tokenizer()
+    config = adapter.tiny_config(spec, padded_vocab(tok.get_vocab_size()), token_ids(tok))
+    torch.manual_seed(seed)
+    model = adapter.model_class()(config)
+    model.eval()
+    return model, tok, adapter.tiny_image_processor(spec.image_size), spec
+
+
+def save_tiny(out_dir: str | Path, arch: str = "qwen2_vl", size: str = "student", seed: int = 0) -> Path:
+    """Build a tiny model and save it as a checkpoint folder (atomic)."""
+    from .checkpoint import save_checkpoint
+
+    model, tok, proc, spec = build_tiny(arch, size, seed)
+    provenance = {"built_by": "vlsi.tiny", "arch": arch, "size": size if isinstance(size, str) else "custom",
+                  "spec": asdict(spec), "seed": seed}
+    return save_checkpoint(out_dir, model, tok, proc, verbalizers=None, provenance=provenance)
+
+
+def param_count(model) -> dict[str, int]:
+    """Parameters of the whole model, the text decoder and the vision tower."""
+    from .adapters import get_adapter
+
+    ad = get_adapter(model)
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in ad.vision_tower(model).parameters())
+    return {"total": total, "vision": vision, "text": total - vision}
