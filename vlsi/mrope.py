@@ -51,7 +51,10 @@ def mrope_positions(
                 # A run may hold several images back to back: consume grids until it is covered.
                 k = i
                 while k < j:
-                    t, h, w = next(grids)
+                    grid = next(grids, None)
+                    if grid is None:
+                        raise ValueError(f"row {row}: more image tokens than the image grids given cover")
+                    t, h, w = grid
                     gh, gw = h // spatial_merge_size, w // spatial_merge_size
                     n = t * gh * gw
                     tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")

@@ -106,14 +106,24 @@ def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: i
     return model, tok, adapter.tiny_image_processor(spec.image_size), spec
 
 
-def save_tiny(out_dir: str | Path, arch: str = "qwen2_vl", size: str = "student", seed: int = 0) -> Path:
-    """Build a tiny model and save it as a checkpoint folder (atomic)."""
+def save_tiny(out_dir: str | Path, arch: str = "qwen2_vl", size: str = "student", seed: int = 0,
+              verbalizer_layers=None, verbalizer_arch: str = "verb_ffn", overwrite: bool = False) -> Path:
+    """Build a tiny model (optionally with untrained verbalizers) and save it as a checkpoint folder."""
     from .checkpoint import save_checkpoint
 
     model, tok, proc, spec = build_tiny(arch, size, seed)
+    verbalizers = None
+    if verbalizer_layers is not None:
+        from .adapters import get_adapter
+        from .verbalizer import VerbalizerConfig, Verbalizers, parse_target_layers
+
+        n = get_adapter(model).text_sizes(model.config).num_layers
+        cfg = VerbalizerConfig(parse_target_layers(verbalizer_layers, n), arch=verbalizer_arch)
+        verbalizers = Verbalizers.for_model(model, cfg)
     provenance = {"built_by": "vlsi.tiny", "arch": arch, "size": size if isinstance(size, str) else "custom",
                   "spec": asdict(spec), "seed": seed}
-    return save_checkpoint(out_dir, model, tok, proc, verbalizers=None, provenance=provenance)
+    return save_checkpoint(out_dir, model, tok, proc, verbalizers=verbalizers, provenance=provenance,
+                           overwrite=overwrite)
 
 
 def param_count(model) -> dict[str, int]:

@@ -44,7 +44,7 @@ class Encoder:
         self.pad_id = tokenizer.token_to_id("<|endoftext|>")
         self.eos_ids = [tokenizer.token_to_id("<|im_end|>"), self.pad_id]
 
-    def _ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode(self, record: Record, for_generation: bool = False) -> Encoded:
@@ -61,15 +61,15 @@ class Encoder:
         labels: list[int] = []
         for turn in turns:
             text = turn.text.replace(IMAGE_PLACEHOLDER, self.adapter.image_marker)
-            head = self._ids(f"<|im_start|>{turn.role}\n")
-            body = self._ids(f"{text}<|im_end|>")
-            tail = self._ids("\n")
+            head = self.text_ids(f"<|im_start|>{turn.role}\n")
+            body = self.text_ids(f"{text}<|im_end|>")
+            tail = self.text_ids("\n")
             ids += head + body + tail
             labels += [IGNORE_INDEX] * len(head)
             labels += body if turn.role == "assistant" else [IGNORE_INDEX] * len(body)
             labels += [IGNORE_INDEX] * len(tail)
         if for_generation:
-            head = self._ids("<|im_start|>assistant\n")
+            head = self.text_ids("<|im_start|>assistant\n")
             ids += head
             labels += [IGNORE_INDEX] * len(head)
 

@@ -1,0 +1,32 @@
+# Set-up and the two entry points of the README. `make quickstart` and `make test` each
+# create .venv on first use, so they work as written on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build; on a CUDA machine or a Jetson, install your torch first and pass TORCH=torch.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= train,dev
+OUT    ?= runs/quickstart
+BIN     = $(VENV)/bin
+
+.PHONY: setup quickstart test clean
+
+$(BIN)/vlsi: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" -e ".[$(EXTRAS)]"
+	@touch $@
+
+setup: $(BIN)/vlsi
+
+# The main job on the built-in synthetic default: data, a tiny model with verbalizer heads,
+# evaluation with per-layer verbalizer accuracy.
+quickstart: setup
+	$(BIN)/vlsi data synth --out $(OUT)/data --n 2000 --seed 0 --overwrite
+	$(BIN)/vlsi tiny --out $(OUT)/student --size student --verbalizers 1::2 --overwrite
+	$(BIN)/vlsi eval --model $(OUT)/student --data $(OUT)/data/test.json --verbalize --out $(OUT)/eval_test.json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models and data are built once per test session, offline."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def png_bytes(size=(84, 84), color=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from vlsi.tiny import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A saved tiny Qwen2-VL student with untrained verbalizers on layers 1, 3 and 5."""
+    import torch
+
+    from vlsi.tiny import save_tiny
+
+    torch.set_num_threads(2)
+    path = tmp_path_factory.mktemp("ckpt") / "student"
+    save_tiny(path, arch="qwen2_vl", size="student", seed=0, verbalizer_layers="1::2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small synthetic dataset (all families)."""
+    from vlsi.data.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate(out, SynthConfig(n=60, seed=0, n_eval=24), progress=False)
+    return out

@@ -1,0 +1,112 @@
+"""The ``vlsi`` command line. Each command is a thin wrapper over one library function;
+``COMMANDS`` lists them, and a test keeps it in sync with the click tree."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import VLsIError
+
+# command path -> "module:function" it wraps
+COMMANDS = {
+    "data synth": "vlsi.data.synth:generate",
+    "tiny": "vlsi.tiny:save_tiny",
+    "eval": "vlsi.eval:evaluate",
+}
+
+
+class _Group(click.Group):
+    """Shows VLsIError as a one-line message instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VLsIError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vlsi")
+def main():
+    """vlsi: distil small vision-language models with VLsI and take them to the edge."""
+
+
+@main.group(cls=_Group)
+def data():
+    """Make and inspect datasets."""
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create (must not exist, or be empty, unless --overwrite).")
+@click.option("--n", "n", default=2000, show_default=True, help="Training samples; val/test/compositional get n/10 each unless --n-eval.")
+@click.option("--seed", default=0, show_default=True, help="Same seed and options give the same bytes.")
+@click.option("--n-eval", type=int, default=None, help="Samples in each of val, test and compositional.")
+@click.option("--image-size", default=84, show_default=True, help="Square image side in pixels (a multiple of 28 for Qwen2-VL).")
+@click.option("--grid", default=3, show_default=True, help="Objects sit on a grid x grid layout.")
+@click.option("--min-objects", default=1, show_default=True, help="Fewest objects per image.")
+@click.option("--max-objects", default=3, show_default=True, help="Most objects per image.")
+@click.option("--families", default=None, help="Comma-separated question families (default: all); see --list-families.")
+@click.option("--reasoning/--short", default=False, show_default=True, help="Answers with a one-sentence reason before 'Answer: X.'.")
+@click.option("--no-mc", is_flag=True, help="Skip the multiple-choice TSV files.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--list-families", is_flag=True, help="Print the question families and exit.")
+def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects, families, reasoning, no_mc,
+               overwrite, list_families):
+    """Generate the synthetic visual-QA dataset (LLaVA JSON + PNGs + VLMEvalKit TSV)."""
+    from .data.synth import FAMILIES, SynthConfig, generate
+
+    if list_families:
+        click.echo("\n".join(FAMILIES))
+        return
+    fams = tuple(f.strip() for f in families.split(",")) if families else FAMILIES
+    cfg = SynthConfig(n=n, seed=seed, n_eval=n_eval, image_size=image_size, grid=grid, min_objects=min_objects,
+                      max_objects=max_objects, families=fams, reasoning=reasoning, mc=not no_mc)
+    stats = generate(out, cfg, overwrite=overwrite)
+    click.echo(json.dumps(stats if isinstance(stats, dict) else stats.__dict__, indent=2, default=str))
+
+
+@main.command("tiny")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--arch", default="qwen2_vl", show_default=True, help="Architecture adapter (qwen2_vl, qwen2_5_vl, llava_onevision).")
+@click.option("--size", default="student", show_default=True, help="teacher, student or k256 (see vlsi/tiny.py).")
+@click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
+@click.option("--verbalizers", "targets", default=None, help="Attach untrained verbalizer heads at these layers: '1::2' (every 2nd from 1) or '2,4'.")
+@click.option("--verbalizer-arch", default="verb_ffn", show_default=True, help="verb_ffn, ffn, mlp or decoder_block.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint folder.")
+def tiny_cmd(out, arch, size, seed, targets, verbalizer_arch, overwrite):
+    """Build a randomly initialised tiny model (shared synthetic tokenizer) as a checkpoint."""
+    from .tiny import save_tiny
+
+    path = save_tiny(out, arch=arch, size=size, seed=seed, verbalizer_layers=targets, verbalizer_arch=verbalizer_arch,
+                     overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@main.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA .json, messages .jsonl/.parquet or VLMEvalKit .tsv.")
+@click.option("--verbalize", is_flag=True, help="Also decode with each verbalizer head and report per-layer accuracy (+ PNG chart).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the report JSON here (chart beside it).")
+@click.option("--batch-size", default=16, show_default=True, help="Prompts decoded together.")
+@click.option("--max-new-tokens", type=int, default=None, help="Decode limit (default: longest reference answer + 8).")
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N records.")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+def eval_cmd(model_dir, data_path, verbalize, out, batch_size, max_new_tokens, limit, device):
+    """Greedy-decode a dataset and report accuracy (per category, and per layer with --verbalize)."""
+    from .eval import evaluate
+
+    rep = evaluate(model_dir, data_path, verbalize=verbalize, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                   limit=limit, out=out, device=device)
+    click.echo(f"accuracy {rep['accuracy']:.3f} on {rep['n']} items")
+    for cat, acc in rep["per_category"].items():
+        click.echo(f"  {cat:<14} {acc:.3f}")
+    for layer, acc in rep.get("per_layer_accuracy", {}).items():
+        click.echo(f"  layer {layer:>3}     {acc:.3f}")
+
+
+if __name__ == "__main__":
+    main()
