@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import VLsIError
+from .errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -21,7 +21,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, overwrite_flag: str = "
     """
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise VLsIError(f"{out} already exists and is not empty; pass {overwrite_flag} to replace it")
+        raise ConfigError(f"{out} already exists and is not empty; pass {overwrite_flag} to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -51,22 +51,26 @@ def data():
 @click.option("--max-objects", default=3, show_default=True, help="Most objects per image.")
 @click.option("--families", default=None, help="Comma-separated question families (default: all); see --list-families.")
 @click.option("--reasoning/--short", default=False, show_default=True, help="Answers with a one-sentence reason before 'Answer: X.'.")
+@click.option("--dots", is_flag=True, help="Draw 0-3 dots inside objects (and ask count questions about them).")
+@click.option("--qa-per-image", default=1, show_default=True, help="Question/answer turns per image (multi-turn records).")
+@click.option("--background", default="grey", show_default=True, help="Background: grey, white, black or #rrggbb.")
 @click.option("--no-mc", is_flag=True, help="Skip the multiple-choice TSV files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--list-families", is_flag=True, help="Print the question families and exit.")
-def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects, families, reasoning, no_mc,
-               overwrite, list_families):
+def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects, families, reasoning, dots,
+               qa_per_image, background, no_mc, overwrite, list_families):
     """Generate the synthetic visual-QA dataset (LLaVA JSON + PNGs + VLMEvalKit TSV)."""
     from .data.synth import FAMILIES, SynthConfig, generate
 
     if list_families:
         click.echo("\n".join(FAMILIES))
         return
-    fams = tuple(f.strip() for f in families.split(",")) if families else FAMILIES
+    fams = tuple(f.strip() for f in families.split(",")) if families else None
     cfg = SynthConfig(n=n, seed=seed, n_eval=n_eval, image_size=image_size, grid=grid, min_objects=min_objects,
-                      max_objects=max_objects, families=fams, reasoning=reasoning, mc=not no_mc)
+                      max_objects=max_objects, families=fams, reasoning=reasoning, dots=dots,
+                      qa_per_image=qa_per_image, background=background, mc=not no_mc)
     stats = generate(out, cfg, overwrite=overwrite)
-    click.echo(json.dumps(stats if isinstance(stats, dict) else stats.__dict__, indent=2, default=str))
+    click.echo(json.dumps(stats.as_dict(), indent=2, default=str))
 
 
 @main.command("tiny")

@@ -158,9 +158,9 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, radiu
     if obj.dots:
         # dots in a horizontal row through the centre: inside every shape (the cross's arm too)
         ink = contrast(rgb) if filled else rgb
-        r = max(1.0, radius * 0.12)
-        step = max(2 * r + 1.5, radius * 0.34)
-        y = cy + (0.1 * radius if obj.shape == "triangle" else 0.0)
+        r = max(1.0, radius * 0.1)
+        step = max(2 * r + 2.5, radius * 0.42)  # a clear gap between dots, even when tiny
+        y = cy + (0.3 * radius if obj.shape == "triangle" else 0.0)
         for k in range(obj.dots):
             x = cx + (k - (obj.dots - 1) / 2) * step
             draw.ellipse([x - r, y - r, x + r, y + r], fill=ink)
