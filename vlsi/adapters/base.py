@@ -44,6 +44,25 @@ class Adapter:
         """A transformers config for a tiny model of this architecture (see ``vlsi.tiny``)."""
         raise NotImplementedError
 
+    @staticmethod
+    def tiny_text_config(spec, vocab_size: int, token_ids: dict[str, int], **rope) -> dict:
+        """Decoder config fields of a tiny Qwen2-family decoder; ``rope`` adds rope parameters."""
+        return dict(
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_theta), **rope},
+            tie_word_embeddings=False,
+            bos_token_id=token_ids["pad"],
+            eos_token_id=token_ids["eos"],
+            pad_token_id=token_ids["pad"],
+        )
+
     def text_config(self, config):
         return config.text_config
 

@@ -51,25 +51,7 @@ class Qwen2VLAdapter(Adapter):
     def tiny_config(self, spec, vocab_size: int, token_ids: dict[str, int]):
         head_dim = spec.hidden // spec.heads
         return self._config_class()(
-            text_config=dict(
-                vocab_size=vocab_size,
-                hidden_size=spec.hidden,
-                intermediate_size=spec.intermediate,
-                num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads,
-                num_key_value_heads=spec.kv_heads,
-                max_position_embeddings=4096,
-                rms_norm_eps=1e-6,
-                rope_parameters={
-                    "rope_type": "default",
-                    "rope_theta": float(spec.rope_theta),
-                    "mrope_section": mrope_section(head_dim),
-                },
-                tie_word_embeddings=False,
-                bos_token_id=token_ids["pad"],
-                eos_token_id=token_ids["eos"],
-                pad_token_id=token_ids["pad"],
-            ),
+            text_config=self.tiny_text_config(spec, vocab_size, token_ids, mrope_section=mrope_section(head_dim)),
             vision_config=self._vision_config(spec),
             image_token_id=token_ids["image_pad"],
             video_token_id=token_ids["video_pad"],
