@@ -44,8 +44,12 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir, model, tokenizer, image_processor, verbalizers=None, provenance=None,
-                    overwrite: bool = True) -> Path:
-    """Write a checkpoint folder atomically; returns its path."""
+                    overwrite: bool = True, extra_files: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically; returns its path.
+
+    ``extra_files`` maps relative names to files copied in (training metrics, plots)."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from .adapters import get_adapter
@@ -67,6 +71,9 @@ def save_checkpoint(out_dir, model, tokenizer, image_processor, verbalizers=None
             save_file(state, str(tmp / VERBALIZERS_FILE), metadata={"format": "pt"})
             meta["verbalizers"] = verbalizers.cfg.to_dict()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, src in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / name)
     return out_dir
 
 

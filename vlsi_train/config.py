@@ -1,0 +1,160 @@
+"""Training configuration: one frozen dataclass tree, loaded by ``vlsi.config.load_config``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from vlsi.errors import ConfigError
+
+Stage = Literal["pretrain", "verbalize", "interact", "sft"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 1e-5
+    """Cosine schedule floor."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    betas: tuple[float, ...] = (0.9, 0.98)
+    """AdamW betas."""
+
+    def check(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    """Train the student's language model through LoRA adapters (merged when saving)."""
+    r: int = 64
+    """LoRA rank (paper: 64)."""
+    alpha: int = 64
+    """LoRA alpha (paper: 64)."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+
+
+@dataclass(frozen=True)
+class VerbalizerSpec:
+    target_layers: str = "1::2"
+    """Target layers: 'start::step' (1-based, before the last layer) or '2,6,10'."""
+    arch: Literal["verb_ffn", "ffn", "mlp", "decoder_block"] = "verb_ffn"
+    """Head variant (paper Table 4)."""
+    depth: int = 1
+    """1 (x1) or 2 (x2) blocks per head."""
+    teacher_target_layers: Optional[str] = None
+    """Teacher's target layers when it gets new heads in the verbalize stage (default: every layer but the last)."""
+
+
+@dataclass(frozen=True)
+class InteractConfig:
+    intermediate_op: Literal["kld", "ce", "l2", "none"] = "kld"
+    """Loss between matched intermediate verbalizers: KL divergence, CE on the teacher's
+    argmax tokens, L2 on centred logits, or none."""
+    last_op: Literal["kld", "ce", "none"] = "kld"
+    """Loss between the final heads."""
+    matching: Literal["multinomial", "random", "uniform", "bottomk"] = "multinomial"
+    """How a student layer picks its teacher layer."""
+    bottom_k: int = 1
+    """With matching=bottomk: choose uniformly among the k closest teacher layers."""
+    search_range: bool = True
+    """Candidates stop at tl - ts + i, leaving room for the later student layers."""
+    order_preservation: bool = True
+    """Candidates start after the previous match."""
+    adaptive_temperature: bool = True
+    """T = (max d - min d) / scale + eps; off: T = 1."""
+    temperature_scale: float = 2.0
+    """The paper's scale in the adaptive temperature."""
+    eps: float = 1e-6
+    """The paper's epsilon in the adaptive temperature."""
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    """forward: KL(teacher || student) (paper); reverse: KL(student || teacher)."""
+    distill_temperature: float = 1.0
+    """Softmax temperature of the distributions compared (loss scaled by T^2)."""
+    intermediate_weight: float = 1.0
+    """Weight of the summed intermediate terms against the last-layer term."""
+    train_student_verbalizers: bool = True
+    """Keep updating the student's verbalizer heads during interaction."""
+    chunk_tokens: int = 4096
+    """Answer tokens per chunk when computing vocabulary distributions (memory bound)."""
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: DDP (replicated student) or FSDP2 (fully_shard)."""
+    shard_teacher: bool = False
+    """With fsdp: shard the frozen teacher too."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: Stage = "pretrain"
+    """pretrain (AR SFT from a checkpoint or tiny:SIZE), verbalize, interact or sft."""
+    model: str = "tiny:student"
+    """Student checkpoint folder, or tiny:teacher / tiny:student / tiny:k256 to start from scratch."""
+    arch: str = "qwen2_vl"
+    """Architecture for tiny:* models."""
+    teacher: Optional[str] = None
+    """Teacher checkpoint with verbalizers (interact)."""
+    data: str = ""
+    """Training data file (LLaVA JSON, messages JSONL/Parquet)."""
+    limit: Optional[int] = None
+    """Use only the first N records of the data."""
+    out: str = ""
+    """Output checkpoint folder (its .state/ holds resumable training state)."""
+    seed: int = 0
+    """Seeds init (tiny:*), data order and the layer-matching sampler."""
+    steps: int = 1000
+    """Optimiser steps (before sft.fraction)."""
+    batch_size: int = 32
+    """Global batch per optimiser step (split over accumulation and processes)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    max_length: int = 512
+    """Longest encoded sample; longer ones are an error unless skip_bad."""
+    skip_bad: bool = False
+    """Skip (and report) bad or too-long records instead of failing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    verbalizer: VerbalizerSpec = field(default_factory=VerbalizerSpec)
+    interact: InteractConfig = field(default_factory=InteractConfig)
+    sft_fraction: float = 1.0
+    """sft stage: run this fraction of `steps` (paper: 0.5 or 1.0)."""
+    distributed: DistConfig = field(default_factory=DistConfig)
+    save_every: int = 0
+    """Write a resumable state every N steps (0: only at the end)."""
+    log_every: int = 10
+    """Metrics line every N steps."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder activations in backward to save memory."""
+    threads: int = 0
+    """torch CPU threads (0: leave as is)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def check(self):
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        if self.stage == "interact" and not self.teacher:
+            raise ConfigError("stage=interact needs teacher=PATH (a checkpoint with verbalizers)")
+        if not 0 < self.sft_fraction <= 1:
+            raise ConfigError(f"sft_fraction={self.sft_fraction} must be in (0, 1]")
+        if not self.data:
+            raise ConfigError("data=PATH is required (a LLaVA JSON / messages JSONL or Parquet file)")
+        if not self.out:
+            raise ConfigError("out=DIR is required (the checkpoint folder to write)")

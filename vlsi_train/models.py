@@ -1,0 +1,97 @@
+"""Loading the models a stage needs, with the checks the method requires."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlsi.adapters import get_adapter
+from vlsi.checkpoint import Checkpoint, load_checkpoint
+from vlsi.errors import ConfigError
+from vlsi.verbalizer import VerbalizerConfig, Verbalizers, parse_target_layers
+
+from .config import TrainConfig
+
+# LoRA goes on the language model's projections only (the paper's "LoRA on the LLM").
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def load_student(cfg: TrainConfig, device) -> Checkpoint:
+    """The model to train: a checkpoint folder, or ``tiny:SIZE`` built from scratch."""
+    if cfg.model.startswith("tiny:"):
+        from vlsi.tiny import build_tiny
+
+        model, tok, proc, _ = build_tiny(cfg.arch, cfg.model.split(":", 1)[1], seed=cfg.seed)
+        ck = Checkpoint(model.to(device), tok, proc, None, {"provenance": {"built_by": "vlsi.tiny", "size": cfg.model}})
+    else:
+        ck = load_checkpoint(cfg.model, device=device)
+    return ck
+
+
+def ensure_verbalizers(ck: Checkpoint, spec, which: str = "student") -> Verbalizers:
+    """The checkpoint's verbalizers, or new ones from the config's target layers."""
+    if ck.verbalizers is not None:
+        return ck.verbalizers
+    n = get_adapter(ck.model).text_sizes(ck.model.config).num_layers
+    layers = spec.target_layers if which == "student" else (spec.teacher_target_layers or f"1:{n}:1")
+    cfg = VerbalizerConfig(parse_target_layers(layers, n), arch=spec.arch, depth=spec.depth)
+    ck.verbalizers = Verbalizers.for_model(ck.model, cfg)
+    return ck.verbalizers
+
+
+def check_pair(student: Checkpoint, teacher: Checkpoint) -> None:
+    """VLsI needs a shared vocabulary and at least as many teacher as student target layers."""
+    sv, tv = student.tokenizer.get_vocab(with_added_tokens=True), teacher.tokenizer.get_vocab(with_added_tokens=True)
+    if sv != tv:
+        diff = sorted(set(sv.items()) ^ set(tv.items()))[:3]
+        raise ConfigError(
+            "teacher and student tokenizers differ (e.g. " + ", ".join(f"{t!r}->{i}" for t, i in diff) + "): "
+            "VLsI compares vocabulary distributions token by token, so both must share one vocabulary"
+        )
+    s_rows = get_adapter(student.model).text_sizes(student.model.config).vocab_size
+    t_rows = get_adapter(teacher.model).text_sizes(teacher.model.config).vocab_size
+    if s_rows != t_rows:
+        raise ConfigError(f"teacher LM head has {t_rows} rows, student {s_rows}: the vocabularies must be the same size")
+    if teacher.verbalizers is None:
+        raise ConfigError(f"teacher {teacher.path} has no verbalizers: run the verbalize stage on it first")
+    if student.verbalizers is None:
+        raise ConfigError(f"student {student.path} has no verbalizers: run the verbalize stage on it first")
+    ts, tl = len(student.verbalizers.target_layers), len(teacher.verbalizers.target_layers)
+    if ts > tl:
+        raise ConfigError(
+            f"the student has {ts} target layers but the teacher only {tl}: layer matching needs ts <= tl "
+            f"(fewer student targets via verbalizer.target_layers, or more teacher heads)"
+        )
+
+
+def add_lora(model, cfg: TrainConfig):
+    """Wrap the language model's projections with LoRA adapters; returns the peft model."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lora.enabled=true needs peft: pip install 'vlsi[train]'") from None
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=LORA_TARGETS, bias="none")
+    return get_peft_model(model, lcfg)
+
+
+@dataclass
+class FinalTap:
+    """Captures the final-norm output so the LM head runs on answer tokens only."""
+
+    model: object
+    captured: torch.Tensor | None = None
+
+    def __enter__(self):
+        norm = get_adapter(self.model).final_norm(self.model)
+
+        def hook(_m, _i, out):
+            self.captured = out
+
+        self._h = norm.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+        return False
