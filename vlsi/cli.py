@@ -13,6 +13,7 @@ from .errors import VLsIError
 # command path -> "module:function" it wraps
 COMMANDS = {
     "data synth": "vlsi.data.synth:generate",
+    "train run": "vlsi_train.pipeline:run",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
 }
@@ -88,6 +89,36 @@ def tiny_cmd(out, arch, size, seed, targets, verbalizer_arch, overwrite):
     path = save_tiny(out, arch=arch, size=size, seed=seed, verbalizer_layers=targets, verbalizer_arch=verbalizer_arch,
                      overwrite=overwrite)
     click.echo(f"wrote {path}")
+
+
+class _DefaultGroup(_Group):
+    """A group whose default subcommand is ``run``: ``vlsi train --config X`` means ``vlsi train run --config X``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["run", *args]
+        elif not args:
+            args = ["run"]
+        return super().parse_args(ctx, args)
+
+
+@main.group("train", cls=_DefaultGroup)
+def train_group():
+    """Train with VLsI: `vlsi train --config FILE.yaml [key=value ...]` (see `vlsi train run --help`)."""
+
+
+@train_group.command("run")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML file: one stage's keys, or defaults plus a `pipeline:` list of stages.")
+@click.option("--resume", is_flag=True, help="Continue from the last saved state of each stage (<out>.train/state).")
+@click.argument("overrides", nargs=-1)
+def train_run(config_path, resume, overrides):
+    """Run one training stage or a pipeline. OVERRIDES are key=value (dotted for nested keys,
+    e.g. interact.matching=random steps=500)."""
+    from vlsi_train.pipeline import run
+
+    for path in run(config_path, list(overrides), resume=resume):
+        click.echo(f"wrote {path}")
 
 
 @main.command("eval")

@@ -57,6 +57,7 @@ def load_state(path: Path, config: dict):
         return None
     meta = json.loads(prog.read_text())
     old = meta["config"]
+    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     diff = sorted(k for k in set(old) | set(config) if k not in RESUMABLE_CHANGES and old.get(k) != config.get(k))
     if diff:
         raise ConfigError(

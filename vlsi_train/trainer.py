@@ -357,14 +357,22 @@ class Trainer:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.eval()
+        verb = self.student.verbalizers
         if self.distributed and cfg.distributed.strategy == "fsdp":
-            # gather the shards so rank 0 writes a plain checkpoint
+            # gather the shards into plain modules so rank 0 writes a normal checkpoint
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            from vlsi.verbalizer import Verbalizers
 
             full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if self.main:
-                self.module.to_empty(device="cpu")
-                self.module.load_state_dict(full)
+                plain = get_adapter(model).model_class()(model.config)
+                plain.load_state_dict({k[6:]: v for k, v in full.items() if k.startswith("model.")})
+                model = plain.eval()
+                if verb is not None:
+                    fresh = Verbalizers.for_model(plain, verb.cfg)
+                    fresh.load_state_dict({k[12:]: v for k, v in full.items() if k.startswith("verbalizers.")})
+                    verb = fresh
         if self.main:
             extra = {}
             if metrics_path.is_file():
@@ -382,7 +390,7 @@ class Trainer:
                           "final_loss": final_loss, "parent": {"model": cfg.model, "provenance": parent},
                           "teacher": cfg.teacher, "processes": self.world}
             model_cpu = model.to("cpu")
-            verb = self.student.verbalizers.to("cpu") if self.student.verbalizers is not None else None
+            verb = verb.to("cpu") if verb is not None else None
             save_checkpoint(self.out, model_cpu, self.student.tokenizer, self.student.image_processor, verb,
                             provenance=provenance, extra_files=extra)
         if self.distributed:

@@ -1,0 +1,156 @@
+"""Training stages on tiny models: what trains, what stays frozen, what is written, and the
+refusals the method requires."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlsi.checkpoint import load_checkpoint
+from vlsi.config import load_config
+from vlsi.errors import ConfigError
+from vlsi_train.config import TrainConfig
+from vlsi_train.pipeline import run, stage_configs
+from vlsi_train.trainer import train
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(steps=4, batch_size=4, log_every=2, progress=False, threads=2)
+    base.update(kw)
+    return load_config(TrainConfig, None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()])
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, synth_data):
+    """Teacher and student with verbalizers (a few steps each: behaviour, not accuracy)."""
+    root = tmp_path_factory.mktemp("pair")
+    data = str(synth_data / "train.json")
+    train(_cfg(stage="pretrain", model="tiny:teacher", data=data, out=str(root / "t")))
+    train(_cfg(stage="pretrain", model="tiny:student", data=data, out=str(root / "s")))
+    train(_cfg(stage="verbalize", model=str(root / "t"), data=data, out=str(root / "tv"),
+               **{"verbalizer.target_layers": "1::1"}))
+    train(_cfg(stage="verbalize", model=str(root / "s"), data=data, out=str(root / "sv"),
+               **{"verbalizer.target_layers": "1::2"}))
+    return root, data
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config key interact.matcher; allowed keys here:.*matching"):
+        load_config(TrainConfig, None, ["data=x", "out=y", "interact.matcher=random"])
+    with pytest.raises(ConfigError, match="interact.matching='nearest' is not allowed; choose one of: multinomial"):
+        load_config(TrainConfig, None, ["data=x", "out=y", "interact.matching=nearest"])
+    with pytest.raises(ConfigError, match="steps must be an integer"):
+        load_config(TrainConfig, None, ["data=x", "out=y", "steps=many"])
+    with pytest.raises(ConfigError, match="teacher=PATH"):
+        load_config(TrainConfig, None, ["data=x", "out=y", "stage=interact"])
+
+
+def test_pipeline_entries_override_defaults(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("data: d.json\nsteps: 10\ninteract: {matching: random}\npipeline:\n"
+                 "  - {stage: verbalize, model: a, out: b}\n"
+                 "  - {stage: interact, model: b, teacher: t, out: c, interact: {last_op: none}}\n")
+    cfgs = stage_configs(f, ["steps=7"])
+    assert [c.stage for c in cfgs] == ["verbalize", "interact"]
+    assert all(c.steps == 7 for c in cfgs)
+    assert cfgs[1].interact.matching == "random" and cfgs[1].interact.last_op == "none"
+
+
+def test_pretrain_learns_and_writes_a_plain_checkpoint(pair):
+    root, _ = pair
+    rows = [json.loads(x) for x in (root / "s" / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (root / "s" / "training" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    meta = json.loads((root / "s" / "vlsi.json").read_text())
+    assert meta["provenance"]["stage"] == "pretrain" and meta["verbalizers"] is None
+
+
+def test_verbalize_trains_only_the_heads(pair):
+    root, _ = pair
+    before = load_file(str(root / "s" / "model.safetensors"))
+    after = load_file(str(root / "sv" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ck = load_checkpoint(root / "sv")
+    assert ck.verbalizers.target_layers == (1, 3, 5)
+    heads = load_file(str(root / "sv" / "verbalizers.safetensors"))
+    assert any(k.endswith("down.weight") and v.abs().sum() > 0 for k, v in heads.items())  # moved off zero init
+    rows = [json.loads(x) for x in (root / "sv" / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss_l1", "loss_l3", "loss_l5"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_interact_with_and_without_lora(pair, tmp_path, lora):
+    root, data = pair
+    out = tmp_path / "si"
+    train(_cfg(stage="interact", model=str(root / "sv"), teacher=str(root / "tv"), data=data, out=str(out),
+               **{"lora.enabled": lora, "lora.r": 4, "lora.alpha": 4}))
+    ck = load_checkpoint(out)  # plain checkpoint: LoRA merged, loads with key checks
+    keys = load_file(str(out / "model.safetensors")).keys()
+    assert not any("lora" in k for k in keys)
+    rows = [json.loads(x) for x in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        (m,) = r["matched"]  # one micro-batch per step: three student layers -> teacher indices
+        assert m == sorted(m) and len(set(m)) == 3 and all(0 <= j <= 7 - 3 + i for i, j in enumerate(m))
+        assert r["loss"] == pytest.approx(r["loss_intermediate"] + r["loss_last"], rel=1e-4)
+    assert (out / "training" / "matching.png").is_file()
+    # the student changed, the teacher did not
+    s0 = load_file(str(root / "sv" / "model.safetensors"))
+    s1 = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    t0 = load_file(str(root / "tv" / "model.safetensors"))
+    assert all(torch.equal(t0[k], v) for k, v in load_file(str(root / "tv" / "model.safetensors")).items())
+    assert ck.verbalizers is not None
+
+
+def test_sft_fraction_sets_the_steps(pair, tmp_path):
+    root, data = pair
+    out = tmp_path / "sft"
+    train(_cfg(stage="sft", model=str(root / "sv"), data=data, out=str(out), steps=8, sft_fraction=0.5))
+    rows = (out / "training" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4
+    assert load_checkpoint(out).verbalizers is not None  # carried through untouched
+
+
+def test_teacher_with_fewer_target_layers_is_refused(pair, tmp_path):
+    root, data = pair
+    train(_cfg(stage="verbalize", model=str(root / "t"), data=data, out=str(tmp_path / "tv2"), steps=1,
+               **{"verbalizer.target_layers": "3,6"}))
+    with pytest.raises(ConfigError, match="ts <= tl"):
+        train(_cfg(stage="interact", model=str(root / "sv"), teacher=str(tmp_path / "tv2"), data=data,
+                   out=str(tmp_path / "x")))
+
+
+def test_teacher_with_another_vocabulary_is_refused(pair, tmp_path):
+    root, data = pair
+    from vlsi.tokenizer import build_tokenizer, save_tokenizer
+
+    other = tmp_path / "t_other"
+    import shutil
+
+    shutil.copytree(root / "tv", other)
+    save_tokenizer(build_tokenizer(["a completely different corpus " * 20]), other)
+    with pytest.raises(ConfigError, match="share one vocabulary"):
+        train(_cfg(stage="interact", model=str(root / "sv"), teacher=str(other), data=data, out=str(tmp_path / "x")))
+
+
+def test_teacher_without_verbalizers_is_refused(pair, tmp_path):
+    root, data = pair
+    with pytest.raises(ConfigError, match="run the verbalize stage"):
+        train(_cfg(stage="interact", model=str(root / "sv"), teacher=str(root / "t"), data=data,
+                   out=str(tmp_path / "x")))
+
+
+def test_pipeline_skips_finished_stages(pair, tmp_path, capsys):
+    root, data = pair
+    f = tmp_path / "p.yaml"
+    f.write_text(f"data: {data}\nsteps: 2\nbatch_size: 4\nprogress: false\npipeline:\n"
+                 f"  - {{stage: sft, model: {root / 'sv'}, out: {tmp_path / 'a'}}}\n"
+                 f"  - {{stage: sft, model: {tmp_path / 'a'}, out: {tmp_path / 'b'}}}\n")
+    run(f)
+    run(f)
+    assert capsys.readouterr().out.count("exists, skipped") == 2
