@@ -14,6 +14,7 @@ from .errors import VLsIError
 COMMANDS = {
     "data synth": "vlsi.data.synth:generate",
     "train run": "vlsi_train.pipeline:run",
+    "quickstart": "vlsi_train.quickstart:quickstart",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
 }
@@ -119,6 +120,21 @@ def train_run(config_path, resume, overrides):
 
     for path in run(config_path, list(overrides), resume=resume):
         click.echo(f"wrote {path}")
+
+
+@main.command("quickstart")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (re-running continues where it stopped).")
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--seeds", default=1, show_default=True, help="Number of seeds (mean and spread reported).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def quickstart_cmd(out, seed, seeds, quiet):
+    """The main job on the built-in synthetic default: data, teacher, student, VLsI and the
+    baselines with equal compute, evaluation; writes OUT/report.json and prints a table."""
+    from vlsi_train.quickstart import quickstart, table
+
+    report = quickstart(out, seed=seed, seeds=seeds, progress=not quiet)
+    click.echo(table(report))
+    click.echo(f"({report['seconds']:.0f} s; report: {out}/report.json)")
 
 
 @main.command("eval")

@@ -27,13 +27,16 @@ def label_with_teacher(teacher_dir, data_path, out_path, batch_size: int = 32, m
         records = records[:limit]
     src = json.loads(Path(data_path).read_text())
     by_id = {str(item.get("id", i)): item for i, item in enumerate(src)}
-    out_items = []
+    out_items, silent = [], 0
     with torch.inference_mode():
         for i in tqdm(range(0, len(records), batch_size), desc="teacher answers", disable=not progress):
             chunk = records[i:i + batch_size]
             batch = enc.collate([enc.encode(r, for_generation=True) for r in chunk], pad_left=True)
             ids = greedy_generate(ck.model, batch, max_new_tokens, enc.eos_ids)
             for r, x in zip(chunk, ids):
+                if not x:  # the teacher ended its turn at once: nothing to learn from
+                    silent += 1
+                    continue
                 item = dict(by_id[r.id])
                 conv = [dict(t) for t in item["conversations"]]
                 conv[-1]["value"] = ck.tokenizer.decode(x, skip_special_tokens=True)
@@ -41,6 +44,12 @@ def label_with_teacher(teacher_dir, data_path, out_path, batch_size: int = 32, m
                 item["reference_answer"] = item.get("answer")
                 item.pop("answer", None)
                 out_items.append(item)
+    if not out_items:
+        from vlsi.errors import VLsIError
+
+        raise VLsIError(f"teacher {teacher_dir} gave an empty answer to all {len(records)} questions: train it longer")
+    if silent:
+        print(f"teacher answers: {silent} of {len(records)} empty answers dropped")
     base = Path(data_path).parent
     out_path = Path(out_path)
     # image paths stay valid wherever the new file lives

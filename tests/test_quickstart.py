@@ -1,0 +1,48 @@
+"""The quickstart pipeline end to end on a miniature recipe (plumbing, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlsi_train.quickstart import METHODS, Recipe, quickstart
+
+MINI = Recipe(
+    synth={"n": 64, "n_eval": 12, "image_size": 56, "min_objects": 1, "max_objects": 1,
+           "families": ["colour", "shape"]},
+    teacher_steps=40, student_labels=16, student_steps=3, pool=32, extra_steps=4, verbalize_steps=2,
+    teacher_targets="1::2", student_targets="2::2", batch_size=8,
+)
+
+
+@pytest.mark.slow
+def test_quickstart_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSI_CACHE", str(tmp_path / "cache"))
+    rep = quickstart(tmp_path / "qs", seed=0, recipe=MINI, progress=False)
+    on_disk = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert on_disk["seed"] == 0 and on_disk["seconds"] > 0
+    for m in METHODS:
+        for split in ("test", "compositional"):
+            assert 0.0 <= on_disk[f"{m}_acc"][split] <= 1.0
+    assert set(on_disk["per_layer_verbalizer_acc"]["vlsi"]) == {"2", "4", "6"}
+    assert (tmp_path / "qs" / "report.md").read_text().startswith("| method |")
+    # every method started from the same student and had the same extra steps
+    steps = {}
+    for name in ("sft_equal_compute", "seq_kd"):
+        steps[name] = json.loads((tmp_path / "qs" / name / "vlsi.json").read_text())["provenance"]["steps"]
+    for name in ("final_layer_kd", "vlsi"):
+        tail = json.loads((tmp_path / "qs" / name / "vlsi.json").read_text())["provenance"]["steps"]
+        inter = json.loads((tmp_path / "qs" / f"{name}_interact" / "vlsi.json").read_text())["provenance"]["steps"]
+        steps[name] = tail + inter
+    assert set(steps.values()) == {MINI.extra_steps}
+    # the teacher is cached: a second run (new folder) reuses it
+    def teachers():
+        return sorted(p for p in (tmp_path / "cache" / "teachers").iterdir() if (p / "vlsi.json").is_file())
+
+    cached = teachers()
+    assert len(cached) == 1
+    mtime = (cached[0] / "model.safetensors").stat().st_mtime
+    quickstart(tmp_path / "qs2", seed=0, recipe=MINI, progress=False)
+    assert teachers() == cached and (cached[0] / "model.safetensors").stat().st_mtime == mtime
+    assert rep["vlsi_acc"] == on_disk["vlsi_acc"]

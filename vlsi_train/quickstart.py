@@ -1,0 +1,227 @@
+"""``vlsi quickstart``: the whole method on the built-in synthetic task, on a CPU.
+
+1. draw the synthetic data;
+2. train the teacher on every label (cached between runs, keyed by recipe and code version);
+3. train the student baseline on a small labelled subset (the data-limited student);
+4. the teacher answers a larger pool of images (what every distillation method sees);
+5. verbalize teacher and student (heads only, backbones frozen);
+6. from the same student baseline, give each method the same number of extra steps on the
+   same images: SFT on the labels (equal compute), sequence-level KD (SFT on the teacher's
+   answers), final-layer KD (+ the same SFT tail), and VLsI (interact + SFT tail);
+7. evaluate everything on test and the compositional split, per-layer verbalizers included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vlsi.atomic import atomic_write_text
+
+CODE_VERSION = "qs-1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    synth: dict = field(default_factory=lambda: {"n": 3000, "n_eval": 200, "image_size": 56, "min_objects": 1,
+                                                 "max_objects": 1, "families": ["colour", "shape", "exists"]})
+    """Synthetic data options (vlsi.data.synth.SynthConfig fields)."""
+    teacher: str = "tiny:teacher"
+    student: str = "tiny:student"
+    teacher_steps: int = 1500
+    teacher_lr: float = 1e-3
+    student_labels: int = 300
+    """Records with labels the student baseline learns from (the data-limited student)."""
+    student_steps: int = 800
+    pool: int = 3000
+    """Images the teacher answers; every distillation method sees exactly these."""
+    extra_steps: int = 600
+    """Steps every compared method gets on top of the student baseline."""
+    sft_tail: float = 0.5
+    """Fraction of extra_steps VLsI (and final-layer KD) spend in the SFT tail."""
+    verbalize_steps: int = 300
+    teacher_targets: str = "1::1"
+    student_targets: str = "1::1"
+    batch_size: int = 32
+    lr: float = 1e-3
+    distill_temperature: float = 1.0
+    interact_lr: float = 1e-3
+
+    def key(self) -> str:
+        blob = json.dumps({"recipe": asdict(self), "code": CODE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("VLSI_CACHE", Path.home() / ".cache" / "vlsi"))
+
+
+class Run:
+    """One seed of the quickstart in ``out``; each step skips work already on disk."""
+
+    def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool = True):
+        self.out, self.r, self.seed, self.progress = Path(out), recipe, seed, progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.times: dict[str, float] = {}
+
+    def _timed(self, name, fn):
+        t = time.time()
+        res = fn()
+        self.times[name] = round(time.time() - t, 1)
+        return res
+
+    def _train(self, out: Path, **kw) -> Path:
+        from vlsi.config import from_dict
+
+        from .config import TrainConfig
+        from .trainer import train
+
+        if (out / "vlsi.json").is_file():
+            return out
+        base = {"seed": self.seed, "batch_size": self.r.batch_size, "progress": self.progress, "log_every": 50,
+                "optim": {"lr": self.r.lr, "warmup_steps": 50, "min_lr": self.r.lr / 100}}
+        for k, v in kw.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+        return train(from_dict(TrainConfig, {**base, "out": str(out)}))
+
+    # -------------------------------------------------------------- pieces
+    def data(self) -> Path:
+        from vlsi.data.synth import SynthConfig, generate
+
+        d = self.out / "data"
+        if not (d / "meta.json").is_file():
+            generate(d, SynthConfig(**{**self.r.synth, "seed": self.seed}), progress=self.progress, overwrite=True)
+        return d
+
+    def teacher(self, data: Path) -> Path:
+        key = hashlib.sha256(json.dumps([self.r.key(), self.seed, self.r.synth], sort_keys=True).encode()).hexdigest()[:16]
+        cached = _cache_root() / "teachers" / key
+        self._train(cached, stage="pretrain", model=self.r.teacher, data=str(data / "train.json"),
+                    steps=self.r.teacher_steps, optim={"lr": self.r.teacher_lr, "min_lr": self.r.teacher_lr / 100})
+        return cached
+
+    def all(self) -> dict:
+        r, o = self.r, self.out
+        data = self._timed("data", self.data)
+        train_json = str(data / "train.json")
+        teacher = self._timed("teacher", lambda: self.teacher(data))
+        student = self._timed("student", lambda: self._train(
+            o / "student", stage="pretrain", model=r.student, data=train_json, limit=r.student_labels,
+            steps=r.student_steps))
+        pool = o / "pool_teacher.json"
+
+        def label():
+            from .teacher_labels import label_with_teacher
+
+            if not pool.is_file():
+                label_with_teacher(teacher, train_json, pool, limit=r.pool, progress=self.progress)
+
+        self._timed("teacher_answers", label)
+        tv = self._timed("verbalize_teacher", lambda: self._train(
+            o / "teacher_verb", stage="verbalize", model=str(teacher), data=str(pool), steps=r.verbalize_steps,
+            verbalizer={"target_layers": r.teacher_targets}))
+        sv = self._timed("verbalize_student", lambda: self._train(
+            o / "student_verb", stage="verbalize", model=str(student), data=str(pool), steps=r.verbalize_steps,
+            verbalizer={"target_layers": r.student_targets}))
+        tail = max(1, round(r.extra_steps * r.sft_tail))
+        inter = r.extra_steps - tail
+        kd = {"distill_temperature": r.distill_temperature}
+        methods = {}
+        methods["sft_equal_compute"] = self._timed("sft_equal_compute", lambda: self._train(
+            o / "sft_equal_compute", stage="sft", model=str(sv), data=train_json, limit=r.student_labels,
+            steps=r.extra_steps))
+        methods["seq_kd"] = self._timed("seq_kd", lambda: self._train(
+            o / "seq_kd", stage="sft", model=str(sv), data=str(pool), steps=r.extra_steps))
+
+        def distil(name, interact):
+            mid = self._train(o / f"{name}_interact", stage="interact", model=str(sv), teacher=str(tv),
+                              data=str(pool), steps=inter, interact={**kd, **interact},
+                              optim={"lr": r.interact_lr, "min_lr": r.interact_lr / 100})
+            return self._train(o / name, stage="sft", model=str(mid), data=str(pool), steps=tail)
+
+        methods["final_layer_kd"] = self._timed("final_layer_kd", lambda: distil(
+            "final_layer_kd", {"intermediate_op": "none", "last_op": "kld"}))
+        methods["vlsi"] = self._timed("vlsi", lambda: distil("vlsi", {}))
+        return {"data": data, "teacher": tv, "student": sv, **methods}
+
+    def evaluate(self, paths: dict) -> dict:
+        from vlsi.eval import evaluate
+
+        res = {}
+        for split in ("test", "compositional"):
+            data = paths["data"] / f"{split}.json"
+            for name in ("teacher", "student", "sft_equal_compute", "seq_kd", "final_layer_kd", "vlsi"):
+                verbalize = name in ("vlsi", "teacher", "student") and split == "test"
+                rep = evaluate(paths[name], data, verbalize=verbalize, progress=False,
+                               out=self.out / "eval" / f"{name}_{split}.json")
+                res.setdefault(f"{name}_acc", {})[split] = rep["accuracy"]
+                if verbalize:
+                    res.setdefault("per_layer_verbalizer_acc", {})[name] = rep["per_layer_accuracy"]
+        return res
+
+
+def quickstart(out, seed: int = 0, seeds: int = 1, recipe: Recipe | None = None, progress: bool = True) -> dict:
+    """Run the quickstart for ``seeds`` seeds (from ``seed``); writes ``out/report.json``."""
+    recipe = recipe or Recipe()
+    t0 = time.time()
+    out = Path(out)
+    runs = []
+    for s in range(seed, seed + seeds):
+        t = time.time()
+        run = Run(out / f"seed{s}" if seeds > 1 else out, recipe, s, progress)
+        res = run.evaluate(run.all())
+        res.update({"seed": s, "seconds": round(time.time() - t, 1), "stage_seconds": run.times})
+        runs.append(res)
+    report = dict(runs[0]) if seeds == 1 else _aggregate(runs)
+    report.update({"seconds": round(time.time() - t0, 1), "recipe": asdict(recipe)})
+    if seeds > 1:
+        report["runs"] = runs
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", table(report) + "\n")
+    return report
+
+
+METHODS = ("teacher", "student", "sft_equal_compute", "seq_kd", "final_layer_kd", "vlsi")
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    agg: dict = {"seed": [r["seed"] for r in runs]}
+    for m in METHODS:
+        key = f"{m}_acc"
+        agg[key] = {}
+        for split in ("test", "compositional"):
+            xs = [r[key][split] for r in runs]
+            agg[key][split] = statistics.mean(xs)
+            agg[key][f"{split}_sd"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    layers = runs[0].get("per_layer_verbalizer_acc", {})
+    agg["per_layer_verbalizer_acc"] = {
+        m: {k: statistics.mean(r["per_layer_verbalizer_acc"][m][k] for r in runs) for k in layers[m]} for m in layers
+    }
+    return agg
+
+
+def table(report: dict) -> str:
+    """Markdown table of the methods' accuracies (mean +/- sd over seeds when several)."""
+    lines = ["| method | test | compositional |", "| --- | --- | --- |"]
+    for m in METHODS:
+        acc = report[f"{m}_acc"]
+        cells = []
+        for split in ("test", "compositional"):
+            sd = acc.get(f"{split}_sd")
+            cells.append(f"{acc[split]:.3f}" + (f" ± {sd:.3f}" if sd is not None else ""))
+        lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
+    t, s, v = (report[f"{m}_acc"]["test"] for m in ("teacher", "student", "vlsi"))
+    if t > s:
+        lines.append(f"\nVLsI closes {(v - s) / (t - s):.0%} of the teacher-student gap on test.")
+    for m, layers in report.get("per_layer_verbalizer_acc", {}).items():
+        lines.append(f"{m} per-layer verbalizer accuracy (test): "
+                     + ", ".join(f"L{k} {a:.2f}" for k, a in sorted(layers.items(), key=lambda x: int(x[0]))))
+    return "\n".join(lines)
