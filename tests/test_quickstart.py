@@ -46,3 +46,28 @@ def test_quickstart_report(tmp_path, monkeypatch):
     quickstart(tmp_path / "qs2", seed=0, recipe=MINI, progress=False)
     assert teachers() == cached and (cached[0] / "model.safetensors").stat().st_mtime == mtime
     assert rep["vlsi_acc"] == on_disk["vlsi_acc"]
+
+
+@pytest.mark.slow
+def test_ablation_grid(tmp_path, monkeypatch):
+    from vlsi_train.ablate import ablate, read_grid
+
+    monkeypatch.setenv("VLSI_CACHE", str(tmp_path / "cache"))
+    grid = tmp_path / "g.yaml"
+    grid.write_text("variants:\n  - {name: KLD/KLD, interact: {}}\n  - {name: random index, interact: {matching: random}}\n")
+    res = ablate(grid, tmp_path / "ab", seeds=2, recipe=MINI, progress=False)
+    lines = (tmp_path / "ab" / "ablation.md").read_text().splitlines()
+    assert lines[2].startswith("| KLD/KLD |") and lines[3].startswith("| random index |")
+    assert len(res["results"]["random index"]["test"]["runs"]) == 2
+    rows = [json.loads(x) for x in (tmp_path / "ab" / "ablate" / "random-index" / "seed1_interact" / "training"
+                                    / "metrics.jsonl").read_text().splitlines()]
+    assert all("matched" in r for r in rows)
+    # the pieces the grid builds on were made once
+    assert (tmp_path / "ab" / "student_verb" / "vlsi.json").is_file()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants:\n  - {name: x, interact: {matcher: random}}\n")
+    from vlsi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown interact keys.*matcher"):
+        read_grid(bad)

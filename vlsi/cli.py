@@ -15,6 +15,7 @@ COMMANDS = {
     "data synth": "vlsi.data.synth:generate",
     "train run": "vlsi_train.pipeline:run",
     "quickstart": "vlsi_train.quickstart:quickstart",
+    "train ablate": "vlsi_train.ablate:ablate",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
 }
@@ -120,6 +121,20 @@ def train_run(config_path, resume, overrides):
 
     for path in run(config_path, list(overrides), resume=resume):
         click.echo(f"wrote {path}")
+
+
+@train_group.command("ablate")
+@click.option("--grid", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="YAML with `variants: [{name, interact: {...}}]` (see configs/ablation_table4.yaml).")
+@click.option("--out", default="runs/ablation", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder; the quickstart's teacher/student/pool are made here once or reused.")
+@click.option("--seeds", default=3, show_default=True, help="Seeds per variant (mean and spread reported).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_ablate(grid, out, seeds, quiet):
+    """Run the Table 4 ablation variants and write a Markdown table (OUT/ablation.md)."""
+    from vlsi_train.ablate import ablate
+
+    click.echo(ablate(grid, out, seeds=seeds, progress=not quiet)["table"])
 
 
 @main.command("quickstart")

@@ -108,7 +108,8 @@ class Run:
                     steps=self.r.teacher_steps, optim={"lr": self.r.teacher_lr, "min_lr": self.r.teacher_lr / 100})
         return cached
 
-    def all(self) -> dict:
+    def prepare(self) -> dict:
+        """Data, teacher, student baseline, the teacher's answers on the pool, verbalized models."""
         r, o = self.r, self.out
         data = self._timed("data", self.data)
         train_json = str(data / "train.json")
@@ -131,26 +132,33 @@ class Run:
         sv = self._timed("verbalize_student", lambda: self._train(
             o / "student_verb", stage="verbalize", model=str(student), data=str(pool), steps=r.verbalize_steps,
             verbalizer={"target_layers": r.student_targets}))
+        return {"data": data, "teacher": tv, "student": sv, "pool": pool}
+
+    def distil(self, p: dict, name: str, interact: dict, seed: int | None = None) -> Path:
+        """Interact (with these interact options) then the SFT tail, from the verbalized student."""
+        r, o = self.r, self.out
         tail = max(1, round(r.extra_steps * r.sft_tail))
-        inter = r.extra_steps - tail
-        kd = {"distill_temperature": r.distill_temperature}
+        extra = {} if seed is None else {"seed": seed}
+        mid = self._train(o / f"{name}_interact", stage="interact", model=str(p["student"]), teacher=str(p["teacher"]),
+                          data=str(p["pool"]), steps=r.extra_steps - tail,
+                          interact={"distill_temperature": r.distill_temperature, **interact},
+                          optim={"lr": r.interact_lr, "min_lr": r.interact_lr / 100}, **extra)
+        return self._train(o / name, stage="sft", model=str(mid), data=str(p["pool"]), steps=tail, **extra)
+
+    def all(self) -> dict:
+        r, o = self.r, self.out
+        p = self.prepare()
+        train_json = str(p["data"] / "train.json")
         methods = {}
         methods["sft_equal_compute"] = self._timed("sft_equal_compute", lambda: self._train(
-            o / "sft_equal_compute", stage="sft", model=str(sv), data=train_json, limit=r.student_labels,
+            o / "sft_equal_compute", stage="sft", model=str(p["student"]), data=train_json, limit=r.student_labels,
             steps=r.extra_steps))
         methods["seq_kd"] = self._timed("seq_kd", lambda: self._train(
-            o / "seq_kd", stage="sft", model=str(sv), data=str(pool), steps=r.extra_steps))
-
-        def distil(name, interact):
-            mid = self._train(o / f"{name}_interact", stage="interact", model=str(sv), teacher=str(tv),
-                              data=str(pool), steps=inter, interact={**kd, **interact},
-                              optim={"lr": r.interact_lr, "min_lr": r.interact_lr / 100})
-            return self._train(o / name, stage="sft", model=str(mid), data=str(pool), steps=tail)
-
-        methods["final_layer_kd"] = self._timed("final_layer_kd", lambda: distil(
-            "final_layer_kd", {"intermediate_op": "none", "last_op": "kld"}))
-        methods["vlsi"] = self._timed("vlsi", lambda: distil("vlsi", {}))
-        return {"data": data, "teacher": tv, "student": sv, **methods}
+            o / "seq_kd", stage="sft", model=str(p["student"]), data=str(p["pool"]), steps=r.extra_steps))
+        methods["final_layer_kd"] = self._timed("final_layer_kd", lambda: self.distil(
+            p, "final_layer_kd", {"intermediate_op": "none", "last_op": "kld"}))
+        methods["vlsi"] = self._timed("vlsi", lambda: self.distil(p, "vlsi", {}))
+        return {**p, **methods}
 
     def evaluate(self, paths: dict) -> dict:
         from vlsi.eval import evaluate
