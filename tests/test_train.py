@@ -154,3 +154,20 @@ def test_pipeline_skips_finished_stages(pair, tmp_path, capsys):
     run(f)
     run(f)
     assert capsys.readouterr().out.count("exists, skipped") == 2
+
+
+@pytest.mark.slow
+def test_bench_prints_every_mode(pair, tmp_path):
+    from click.testing import CliRunner
+
+    from vlsi.cli import main
+
+    root, data = pair
+    res = CliRunner().invoke(main, ["train", "bench", "--teacher", str(root / "tv"), "--student", str(root / "sv"),
+                                    "--data", data, "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["mode"] for r in rows] == ["sft", "final_layer_kd", "interact"]
+    assert all(r["s_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    assert rows[0]["x_sft"] == 1.0 and rows[1]["x_final_layer_kd"] == 1.0
+    assert "| interact |" in res.output

@@ -16,6 +16,7 @@ COMMANDS = {
     "train run": "vlsi_train.pipeline:run",
     "quickstart": "vlsi_train.quickstart:quickstart",
     "train ablate": "vlsi_train.ablate:ablate",
+    "train bench": "vlsi_train.bench:bench",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
 }
@@ -135,6 +136,26 @@ def train_ablate(grid, out, seeds, quiet):
     from vlsi_train.ablate import ablate
 
     click.echo(ablate(grid, out, seeds=seeds, progress=not quiet)["table"])
+
+
+@train_group.command("bench")
+@click.option("--teacher", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher checkpoint with verbalizers.")
+@click.option("--student", required=True, type=click.Path(exists=True, file_okay=False), help="Student checkpoint with verbalizers.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Training data (the first batch is used).")
+@click.option("--steps", default=10, show_default=True, help="Timed steps per mode (after 2 warm-up steps).")
+@click.option("--batch-size", default=16, show_default=True, help="Batch size.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+def train_bench(teacher, student, data, steps, batch_size, device, out):
+    """Time per step and peak memory of SFT, final-layer KD and interact on the same batch."""
+    from vlsi_train.bench import bench, format_rows
+
+    rows = bench(teacher, student, data, steps=steps, batch_size=batch_size, device=device)
+    click.echo(format_rows(rows))
+    if out:
+        from vlsi.atomic import atomic_write_text
+
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
 
 
 @main.command("quickstart")
