@@ -18,12 +18,10 @@ $(BIN)/vlsi: pyproject.toml
 
 setup: $(BIN)/vlsi
 
-# The main job on the built-in synthetic default: data, a tiny model with verbalizer heads,
-# evaluation with per-layer verbalizer accuracy.
+# The main job on the built-in synthetic default: data, teacher, data-limited student,
+# VLsI and three equal-compute baselines, evaluation; writes $(OUT)/report.json.
 quickstart: setup
-	$(BIN)/vlsi data synth --out $(OUT)/data --n 2000 --seed 0 --overwrite
-	$(BIN)/vlsi tiny --out $(OUT)/student --size student --verbalizers 1::2 --overwrite
-	$(BIN)/vlsi eval --model $(OUT)/student --data $(OUT)/data/test.json --verbalize --out $(OUT)/eval_test.json
+	$(BIN)/vlsi quickstart --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -171,3 +171,20 @@ def test_bench_prints_every_mode(pair, tmp_path):
     assert all(r["s_per_step"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
     assert rows[0]["x_sft"] == 1.0 and rows[1]["x_final_layer_kd"] == 1.0
     assert "| interact |" in res.output
+
+
+def test_out_of_memory_names_the_knobs(pair, tmp_path, monkeypatch):
+    from vlsi.errors import VLsIError
+    from vlsi_train import trainer as tr
+
+    root, data = pair
+
+    def oom(self, idxs, tokens):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tr.Trainer, "_micro_loss", oom)
+    with pytest.raises(VLsIError) as e:
+        train(_cfg(stage="sft", model=str(root / "sv"), data=data, out=str(tmp_path / "x")))
+    for knob in ("batch_size", "grad_accum", "gradient_checkpointing", "lora.enabled", "max_length"):
+        assert knob in str(e.value)
+    assert not (tmp_path / "x").exists()
