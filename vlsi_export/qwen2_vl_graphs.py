@@ -1,0 +1,78 @@
+"""ONNX-friendly wrappers of Qwen2-VL's three parts: vision encoder, token embedding, decoder.
+
+The stock vision tower splits its attention by image with data-dependent slicing
+(``cu_seqlens``), which dynamo cannot trace and the legacy exporter freezes to one image
+size. Here the per-patch rotary positions and an image index per patch are computed outside
+the graph (numpy, ``vision_inputs``) and passed in; attention is masked to patches of the same
+image, so one graph serves any number of images of any size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def vision_inputs(grid_thw: np.ndarray, merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rotary (row, col) positions ``(N, 2)`` and image index ``(N,)`` of every patch, in the
+    order the image processor emits patches (merge-window blocks, row-major)."""
+    pos, seg = [], []
+    for img, (t, h, w) in enumerate(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)):
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // merge_size, merge_size, w // merge_size, merge_size)
+        hh = hh.reshape(shape).transpose(0, 2, 1, 3).ravel()
+        ww = ww.reshape(shape).transpose(0, 2, 1, 3).ravel()
+        p = np.stack([hh, ww], axis=1)
+        pos.append(np.tile(p, (t, 1)))
+        seg.append(np.full(len(p) * t, img, dtype=np.int64))
+    return np.concatenate(pos).astype(np.int64), np.concatenate(seg)
+
+
+def _rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class VisionEncoder(nn.Module):
+    """``pixel_values (N, C*T*P*P), positions (N, 2), image_index (N,) -> image embeds (N / m^2, D)``."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+        cfg = visual.config
+        self.heads = cfg.num_heads
+        self.head_dim = cfg.embed_dim // cfg.num_heads
+        self.register_buffer("inv_freq", visual.rotary_pos_emb.inv_freq.detach().clone(), persistent=False)
+
+    def forward(self, pixel_values, positions, image_index):
+        x = self.visual.patch_embed(pixel_values)  # (N, E)
+        freqs = positions[..., None].float() * self.inv_freq  # (N, 2, F)
+        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (N, head_dim)
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        same = image_index[:, None] == image_index[None, :]  # (N, N): attend within an image only
+        n = x.shape[0]
+        for blk in self.visual.blocks:
+            h = blk.norm1(x)
+            q, k, v = blk.attn.qkv(h).reshape(n, 3, self.heads, self.head_dim).unbind(1)  # (N, H, d) each
+            q = q.float() * cos + _rotate_half(q.float()) * sin
+            k = k.float() * cos + _rotate_half(k.float()) * sin
+            a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None].float(), attn_mask=same[None, None])
+            a = a[0].transpose(0, 1).reshape(n, -1).to(x.dtype)
+            x = x + blk.attn.proj(a)
+            x = x + blk.mlp(blk.norm2(x))
+        return self.visual.merger(x)
+
+
+class TokenEmbedding(nn.Module):
+    """``input_ids (B, L) -> inputs_embeds (B, L, D)``."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
