@@ -76,3 +76,51 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, input_ids):
         return self.embed(input_ids)
+
+
+class Decoder(nn.Module):
+    """The text decoder with an explicit KV cache, as ONNX Runtime GenAI splits it.
+
+    ``inputs_embeds (B, L, D), attention_mask (B, P+L), position_ids (3, B, L), past_key_0,
+    past_value_0, ... (B, kvH, P, hd)`` -> ``logits (B, V)`` for the last position, one
+    ``(B, V)`` logits output per kept verbalizer layer, then ``present_key_i, present_value_i``.
+    """
+
+    def __init__(self, model, verbalizers=None):
+        super().__init__()
+        from vlsi.adapters import get_adapter
+
+        self.adapter = get_adapter(model)
+        self.model = model
+        self.lm = self.adapter.language_model(model)
+        self.head = self.adapter.lm_head(model)
+        self.verbalizers = verbalizers
+        self.n_layers = self.adapter.text_sizes(model.config).num_layers
+        if verbalizers is not None and verbalizers.cfg.arch == "decoder_block":
+            raise ValueError("decoder_block verbalizers attend over the whole sequence and are not exported yet")
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        from vlsi.verbalizer import LayerTap
+
+        cache = DynamicCache(config=self.model.config.get_text_config())
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        layers = self.verbalizers.target_layers if self.verbalizers is not None else ()
+        with LayerTap(self.model, layers) as hidden:
+            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          cache=cache, use_cache=True)
+        logits = self.head(out.last_hidden_state[:, -1])
+        verb = [self.head(self.verbalizers.heads[str(k)](hidden[k][:, -1:])[:, -1]) for k in layers]
+        presents = []
+        for layer in out.cache.layers:
+            presents += [layer.keys, layer.values]
+        return (logits, *verb, *presents)
+
+    def io_names(self) -> tuple[list[str], list[str]]:
+        past = [f"past_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]
+        layers = self.verbalizers.target_layers if self.verbalizers is not None else ()
+        outs = ["logits", *[f"verbalizer_logits_{k}" for k in layers],
+                *[f"present_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]]
+        return ["inputs_embeds", "attention_mask", "position_ids", *past], outs
