@@ -411,12 +411,14 @@ def _from_bytes(data: bytes, spec: Qwen2VLImageSpec, max_input_pixels: int, wher
         head = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as e:
         m = _PIL_PIXELS.search(str(e))
-        n = f"{int(m.group(1))} pixels" if m else "more pixels than Pillow allows"
+        n = int(m.group(1)) if m else None
+        if n is not None and n > max_input_pixels:
+            limit = f"max_input_pixels={max_input_pixels} ({max_input_pixels / 1e6:g} megapixels)"
+        else:  # the caller allowed more than Pillow's own guard does
+            limit = f"Pillow's limit Image.MAX_IMAGE_PIXELS * 2 = {2 * (Image.MAX_IMAGE_PIXELS or 0)}"
         raise ImageError(
-            f"{where}: image header says {n}, more than max_input_pixels={max_input_pixels} "
-            f"({max_input_pixels / 1e6:g} megapixels, a decompression-bomb guard); it was not "
-            f"decoded. Downscale it before sending it (Pillow's own limit, "
-            f"Image.MAX_IMAGE_PIXELS * 2, also applies)"
+            f"{where}: image header says {n if n is not None else 'too many'} pixels, more than "
+            f"{limit}, a decompression-bomb guard; it was not decoded. Downscale it before sending it"
         ) from None
     except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageError(
@@ -463,8 +465,9 @@ def validate_image(
     where = source or f"<{image.mode} image {image.width}x{image.height}>"
     _check_geometry(image.width, image.height, spec, max_input_pixels, where, decoded=True)
     try:
+        image.load()  # a lazily opened image is decoded here, so a truncated file fails now
         return _to_rgb(image)
-    except Exception as e:  # noqa: BLE001 - a lazily opened, truncated file fails here
+    except Exception as e:  # noqa: BLE001 - OSError (truncated), ValueError, ...
         raise ImageError(
             f"{where}: cannot decode or convert the image (mode {image.mode}) to RGB: {type(e).__name__}: {e}"
         ) from None
