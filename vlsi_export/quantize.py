@@ -1,0 +1,55 @@
+"""ONNX Runtime's own quantisers applied to an exported graph, one precision per call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlsi.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+def quantize_graph(src: Path, dst: Path, precision: str, block_size: int = 32, symmetric: bool = True) -> Path:
+    """Write ``src`` at ``precision`` to ``dst``.
+
+    - fp16: float16 weights and compute, inputs/outputs kept fp32 (ORT's float16 converter);
+    - int8: dynamic quantisation, per-channel int8 weights (``quantize_dynamic``);
+    - int4: block-wise 4-bit MatMul weights (``MatMulNBits``), ``block_size`` and symmetry configurable.
+    """
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--quant {precision!r} is not one of {', '.join(PRECISIONS)}")
+    src, dst = Path(src), Path(dst)
+    if precision == "fp32":
+        save_model(onnx.load(str(src)), dst)  # pulls any external data in next to dst
+        return dst
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        save_model(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), dst)
+    elif precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ConfigError(f"--block-size {block_size}: must be a power of two >= 16")
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=4)
+        q.process()
+        save_model(q.model.model, dst)
+    return dst
+
+
+def save_model(model, dst: Path) -> Path:
+    """Save a graph as one file, or with a ``.data`` file beside it past protobuf's 2 GB limit."""
+    import onnx
+
+    big = model.ByteSize() > 1_800_000_000
+    onnx.save(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+              location=f"{Path(dst).name}.data" if big else None)
+    return Path(dst)
