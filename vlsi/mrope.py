@@ -70,3 +70,19 @@ def mrope_positions(
         out[:, row, mask[row]] = pos
         deltas[row] = (pos.max() + 1 - len(ids)) if len(ids) else 0
     return out, deltas
+
+
+def vision_inputs(grid_thw, merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs the exported vision encoder takes besides pixels: the rotary (row, col)
+    position ``(N, 2)`` and the image index ``(N,)`` of every patch, in the order the image
+    processor emits patches (merge-window blocks, row-major within each)."""
+    pos, seg = [], []
+    for img, (t, h, w) in enumerate(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)):
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // merge_size, merge_size, w // merge_size, merge_size)
+        hh = hh.reshape(shape).transpose(0, 2, 1, 3).ravel()
+        ww = ww.reshape(shape).transpose(0, 2, 1, 3).ravel()
+        p = np.stack([hh, ww], axis=1)
+        pos.append(np.tile(p, (t, 1)))
+        seg.append(np.full(len(p) * t, img, dtype=np.int64))
+    return np.concatenate(pos).astype(np.int64), np.concatenate(seg)

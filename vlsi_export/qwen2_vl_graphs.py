@@ -9,25 +9,11 @@ image, so one graph serves any number of images of any size.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def vision_inputs(grid_thw: np.ndarray, merge_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rotary (row, col) positions ``(N, 2)`` and image index ``(N,)`` of every patch, in the
-    order the image processor emits patches (merge-window blocks, row-major)."""
-    pos, seg = [], []
-    for img, (t, h, w) in enumerate(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)):
-        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        shape = (h // merge_size, merge_size, w // merge_size, merge_size)
-        hh = hh.reshape(shape).transpose(0, 2, 1, 3).ravel()
-        ww = ww.reshape(shape).transpose(0, 2, 1, 3).ravel()
-        p = np.stack([hh, ww], axis=1)
-        pos.append(np.tile(p, (t, 1)))
-        seg.append(np.full(len(p) * t, img, dtype=np.int64))
-    return np.concatenate(pos).astype(np.int64), np.concatenate(seg)
+from vlsi.mrope import vision_inputs  # noqa: F401  (re-exported for the exporter)
 
 
 def _rotate_half(x):

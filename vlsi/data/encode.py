@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-from .records import IMAGE_PLACEHOLDER, LoadReport, Record, Turn
+from .records import LoadReport, Record
 
-IGNORE_INDEX = -100
-DEFAULT_SYSTEM = "You are a helpful assistant."
+from ..chat import DEFAULT_SYSTEM, IGNORE_INDEX  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -45,34 +44,17 @@ class Encoder:
         self.eos_ids = [tokenizer.token_to_id("<|im_end|>"), self.pad_id]
 
     def text_ids(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        from ..chat import text_ids
+
+        return text_ids(self.tok, text)
 
     def encode(self, record: Record, for_generation: bool = False) -> Encoded:
         """Encode a record. ``for_generation`` drops the last assistant turn and ends with the
         assistant header, ready for decoding."""
+        from ..chat import chat_ids
         from .loaders import ensure_rgb
 
-        turns = list(record.turns)
-        if for_generation and turns and turns[-1].role == "assistant":
-            turns = turns[:-1]
-        if not turns or turns[0].role != "system":
-            turns.insert(0, Turn("system", self.system_prompt))
-        ids: list[int] = []
-        labels: list[int] = []
-        for turn in turns:
-            text = turn.text.replace(IMAGE_PLACEHOLDER, self.adapter.image_marker)
-            head = self.text_ids(f"<|im_start|>{turn.role}\n")
-            body = self.text_ids(f"{text}<|im_end|>")
-            tail = self.text_ids("\n")
-            ids += head + body + tail
-            labels += [IGNORE_INDEX] * len(head)
-            labels += body if turn.role == "assistant" else [IGNORE_INDEX] * len(body)
-            labels += [IGNORE_INDEX] * len(tail)
-        if for_generation:
-            head = self.text_ids("<|im_start|>assistant\n")
-            ids += head
-            labels += [IGNORE_INDEX] * len(head)
-
+        ids, labels = chat_ids(self.tok, record.turns, self.adapter.image_marker, for_generation, self.system_prompt)
         processed = None
         if record.images:
             images = [ensure_rgb(ref, source=record.source, record=record.id) for ref in record.images]
@@ -87,17 +69,13 @@ class Encoder:
         return Encoded(ids, labels, processed, record)
 
     def _expand_images(self, record, ids, labels, processed):
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(where) != len(record.images):
-            raise DataError(record.source, record.id,
-                            f"{len(where)} image markers in the prompt for {len(record.images)} images")
-        out_ids, out_labels, prev = [], [], 0
-        for n, pos in enumerate(where):
-            count = self.adapter.num_image_tokens(processed, n)
-            out_ids += ids[prev:pos] + [self.image_token_id] * count
-            out_labels += labels[prev:pos] + [IGNORE_INDEX] * count
-            prev = pos + 1
-        return out_ids + ids[prev:], out_labels + labels[prev:]
+        from ..chat import expand_images
+
+        counts = [self.adapter.num_image_tokens(processed, n) for n in range(len(record.images))]
+        try:
+            return expand_images(ids, labels, self.image_token_id, counts)
+        except ValueError as e:
+            raise DataError(record.source, record.id, str(e)) from None
 
     def encode_all(self, records, for_generation: bool = False, skip_bad: bool = False):
         """Encode many records; bad ones raise, or with ``skip_bad`` are counted in the report."""
