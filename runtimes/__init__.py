@@ -1,1 +1,37 @@
-"""vlsi runtimes: one interface over PyTorch, ONNX Runtime, TensorRT and llama.cpp (installed as ``vlsi_runtimes``)."""
+"""vlsi runtimes: one interface over PyTorch, ONNX Runtime, TensorRT and llama.cpp
+(installed as ``vlsi_runtimes``).
+
+``load(path, backend="auto")`` takes an export artifact (a folder with ``manifest.json``) or
+a checkpoint folder, and returns a :class:`~vlsi_runtimes.base.Runtime` with ``generate``,
+``verbalize`` and ``logits``. Non-torch backends never import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlsi.errors import ConfigError
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def load(path, backend: str = "auto", **kwargs):
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if (path / "manifest.json").is_file():
+            import json
+
+            backend = json.loads((path / "manifest.json").read_text()).get("target", "onnx")
+        elif (path / "config.json").is_file():
+            backend = "torch"
+        else:
+            raise ConfigError(f"{path} is neither an export artifact (manifest.json) nor a checkpoint (config.json)")
+    if backend == "onnx":
+        from .onnx_backend import OnnxRuntime
+
+        return OnnxRuntime(path, **kwargs)
+    from .torch_backend import TorchRuntime
+
+    return TorchRuntime(path, **kwargs)

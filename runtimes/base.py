@@ -1,0 +1,152 @@
+"""The runtime interface every backend implements, and the decoding logic they share.
+
+A backend provides two operations on numpy arrays: ``_prefill(prompt) -> (state, logits)``
+and ``_step(state, token) -> logits``, where ``logits`` maps ``"final"`` (the model's head)
+and each kept verbalizer layer to a ``(V,)`` array for the next token. Everything else —
+sampling, stop strings, streaming, per-layer verbalization — is written once here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from vlsi.data.records import IMAGE_PLACEHOLDER, Turn
+from vlsi.errors import ConfigError
+
+FINAL = "final"
+
+
+@dataclass
+class Prompt:
+    """A tokenised prompt with its images already preprocessed by the backend's own code."""
+
+    ids: list[int]
+    images: object  # backend-specific (pixel arrays and grids)
+
+
+class Runtime:
+    """Load with :func:`vlsi_runtimes.load`; then ``generate``, ``verbalize``, ``logits``."""
+
+    name = "base"
+    verbalizer_layers: tuple[int, ...] = ()
+    max_new_tokens_cap = 4096
+
+    # backends implement these
+    def _encode(self, images: list, text: str) -> Prompt:
+        raise NotImplementedError
+
+    def _prefill(self, prompt: Prompt):
+        raise NotImplementedError
+
+    def _step(self, state, token: int) -> dict:
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    eos_ids: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ shared
+    @staticmethod
+    def user_turns(images: list, prompt: str) -> tuple[Turn, ...]:
+        """One user turn: images first (unless the prompt places ``<image>`` itself), then text."""
+        n = prompt.count(IMAGE_PLACEHOLDER)
+        if n == 0:
+            prompt = f"{IMAGE_PLACEHOLDER}\n" * len(images) + prompt
+        elif n != len(images):
+            raise ConfigError(f"the prompt has {n} <image> placeholders for {len(images)} images")
+        return (Turn("user", prompt),)
+
+    def _pick(self, logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if top_p < 1.0:
+            order = np.argsort(-p)
+            keep = np.cumsum(p[order]) - p[order] < top_p
+            mask = np.zeros_like(p, dtype=bool)
+            mask[order[keep]] = True
+            p = np.where(mask, p, 0.0)
+            p /= p.sum()
+        return int(rng.choice(len(p), p=p))
+
+    def _check(self, max_new_tokens, temperature, top_p):
+        if not 1 <= max_new_tokens <= self.max_new_tokens_cap:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} must be between 1 and {self.max_new_tokens_cap}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+
+    def stream_tokens(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_p: float = 1.0, source: str | int = FINAL, seed: int = 0) -> Iterator[int]:
+        """Yield new token ids, read from the model's head or a verbalizer layer's."""
+        self._check(max_new_tokens, temperature, top_p)
+        if source != FINAL and source not in self.verbalizer_layers:
+            raise ConfigError(f"layer {source} has no verbalizer here; kept: {list(self.verbalizer_layers)}")
+        rng = np.random.default_rng(seed)
+        state, logits = self._prefill(self._encode(list(images), prompt))
+        for _ in range(max_new_tokens):
+            tok = self._pick(logits[source], temperature, top_p, rng)
+            if tok in self.eos_ids:
+                return
+            yield tok
+            logits = self._step(state, tok)
+
+    def generate(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: list[str] | None = None, stream: bool = False, seed: int = 0):
+        """The answer as text, or with ``stream=True`` an iterator of text pieces.
+
+        Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string."""
+        pieces = self._stream_text(images, prompt, max_new_tokens, temperature, top_p, stop or [], seed)
+        return pieces if stream else "".join(pieces)
+
+    def _stream_text(self, images, prompt, max_new_tokens, temperature, top_p, stop, seed) -> Iterator[str]:
+        ids: list[int] = []
+        sent = ""
+        for tok in self.stream_tokens(images, prompt, max_new_tokens, temperature, top_p, FINAL, seed):
+            ids.append(tok)
+            text = self._decode(ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
+                continue
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(sent):
+                    yield text[len(sent):cut]
+                return
+            # hold back a tail that could still become a stop string
+            hold = max((len(s) - 1 for s in stop), default=0)
+            ready = text[: max(len(sent), len(text) - hold)]
+            if len(ready) > len(sent):
+                yield ready[len(sent):]
+                sent = ready
+        text = self._decode(ids)
+        if len(text) > len(sent):
+            yield text[len(sent):]
+
+    def verbalize(self, images, prompt: str, max_new_tokens: int = 32) -> dict:
+        """What each layer would answer: greedy decoding from every kept verbalizer, shallow to
+        deep, then the model's own head (the paper's Figure 3)."""
+        out = {}
+        for layer in (*self.verbalizer_layers, FINAL):
+            out[layer] = self._decode(list(self.stream_tokens(images, prompt, max_new_tokens, source=layer)))
+        return out
+
+    def logits(self, images, prompt: str, continuation: list[int] | None = None) -> list[dict]:
+        """Next-token logits after the prompt and after each token of ``continuation``:
+        a list of ``{"final": (V,), layer: (V,), ...}`` (used for parity checks)."""
+        state, lg = self._prefill(self._encode(list(images), prompt))
+        out = [lg]
+        for tok in continuation or []:
+            out.append(self._step(state, tok))
+        return out
+
+
+def read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,102 @@
+"""One runtime interface: the ONNX Runtime backend matches the PyTorch reference, and runs
+without torch or transformers."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+import vlsi_runtimes  # noqa: E402
+from vlsi.errors import ConfigError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ckpt, tmp_path_factory):
+    from vlsi_export import get_target
+
+    art = get_target("onnx")(tiny_ckpt, tmp_path_factory.mktemp("rt") / "fp32", verbalizers=True)
+    return vlsi_runtimes.load(tiny_ckpt), vlsi_runtimes.load(art), art
+
+
+def _img(seed=0, size=84):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+@pytest.mark.slow
+def test_onnx_matches_torch(pair):
+    ref, ort_rt, _ = pair
+    assert (ref.name, ort_rt.name) == ("torch", "onnx")
+    for images, prompt in [([_img(0)], "what colour is the star?"), ([_img(1), _img(2)], "compare <image> and <image>"),
+                           ([], "no image here")]:
+        a = ref.logits(images, prompt, continuation=[10, 20, 30])
+        b = ort_rt.logits(images, prompt, continuation=[10, 20, 30])
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b):
+            assert set(x) == set(y) == {"final", 1, 3, 5}
+            for k in x:
+                assert np.abs(x[k] - y[k]).max() < 1e-4
+        assert ref.generate(images, prompt, max_new_tokens=6) == ort_rt.generate(images, prompt, max_new_tokens=6)
+    assert ref.verbalize([_img(3)], "what shape?", 4) == ort_rt.verbalize([_img(3)], "what shape?", 4)
+
+
+@pytest.mark.slow
+def test_streaming_stop_and_sampling(pair):
+    _, rt, _ = pair
+    full = rt.generate([_img(0)], "describe", max_new_tokens=8)
+    assert "".join(rt.generate([_img(0)], "describe", max_new_tokens=8, stream=True)) == full
+    if len(full) > 2:
+        stop = full[1:3]
+        assert rt.generate([_img(0)], "describe", max_new_tokens=8, stop=[stop]) == full[: full.find(stop)]
+    a = rt.generate([_img(0)], "describe", max_new_tokens=8, temperature=1.0, seed=1)
+    b = rt.generate([_img(0)], "describe", max_new_tokens=8, temperature=1.0, seed=1)
+    assert a == b  # seeded sampling is reproducible
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        rt.generate([_img(0)], "x", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="placeholders"):
+        rt.generate([_img(0)], "<image> <image>")
+
+
+@pytest.mark.slow
+def test_onnx_backend_imports_neither_torch_nor_transformers(pair):
+    _, _, art = pair
+    buf = io.BytesIO()
+    _img(5).save(buf, format="PNG")
+    code = f"""
+import sys
+sys.modules['torch'] = None
+sys.modules['transformers'] = None
+import vlsi_runtimes
+rt = vlsi_runtimes.load({str(art)!r})
+print(rt.generate([{buf.getvalue()!r}], 'what colour?', max_new_tokens=3))
+assert 'torch' not in sys.modules or sys.modules['torch'] is None
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_bad_images_are_rejected_before_onnx_runtime(pair):
+    from vlsi.preprocess import ImageError
+
+    _, rt, _ = pair
+    with pytest.raises(ImageError):
+        rt.generate([b"not an image"], "x", max_new_tokens=2)
+    from PIL import Image
+
+    with pytest.raises(ImageError, match="200"):
+        rt.generate([Image.new("RGB", (1, 500))], "x", max_new_tokens=2)
+
+
+def test_unknown_backend_and_path(tmp_path):
+    with pytest.raises(ConfigError, match="backend 'tflite'"):
+        vlsi_runtimes.load(tmp_path, backend="tflite")
+    with pytest.raises(ConfigError, match="neither an export artifact"):
+        vlsi_runtimes.load(tmp_path)
