@@ -17,6 +17,8 @@ COMMANDS = {
     "quickstart": "vlsi_train.quickstart:quickstart",
     "train ablate": "vlsi_train.ablate:ablate",
     "train bench": "vlsi_train.bench:bench",
+    "export": "vlsi_export.onnx_target:export_onnx",
+    "validate": "vlsi_export.validate:validate",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
 }
@@ -171,6 +173,45 @@ def quickstart_cmd(out, seed, seeds, quiet):
     report = quickstart(out, seed=seed, seeds=seeds, progress=not quiet)
     click.echo(table(report))
     click.echo(f"({report['seconds']:.0f} s; report: {out}/report.json)")
+
+
+@main.command("export")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
+@click.option("--target", default="onnx", show_default=True, help="Export target (onnx).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
+@click.option("--quant", default="fp32", show_default=True, help="Decoder precision: fp32, fp16, int8 or int4.")
+@click.option("--vision-quant", default="fp32", show_default=True, help="Vision encoder precision (kept higher by default).")
+@click.option("--verbalizers", is_flag=True, help="Keep the verbalizer heads as extra decoder outputs.")
+@click.option("--block-size", default=32, show_default=True, help="int4: weights per quantisation block.")
+@click.option("--asymmetric", is_flag=True, help="int4: asymmetric blocks (zero points) instead of symmetric.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Samples for the parity check (default: built-in synthetic questions).")
+@click.option("--no-validate", is_flag=True, help="Skip the parity check (not recommended).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
+def export_cmd(model, target, out, quant, vision_quant, verbalizers, block_size, asymmetric, data, no_validate, overwrite):
+    """Export a checkpoint for an edge runtime; the result must pass parity to be written."""
+    from vlsi_export import get_target
+
+    path = get_target(target)(model, out, quant=quant, vision_quant=vision_quant, verbalizers=verbalizers,
+                              block_size=block_size, symmetric=not asymmetric, overwrite=overwrite,
+                              validate=not no_validate, data=data)
+    click.echo(f"wrote {path}")
+
+
+@main.command("validate")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False), help="The checkpoint it came from.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Samples (default: built-in synthetic questions).")
+@click.option("--samples", default=16, show_default=True, help="How many samples.")
+def validate_cmd(artifact, reference, data, samples):
+    """Check an artifact's parity with its checkpoint; exits non-zero when a metric fails."""
+    from vlsi_export.validate import validate
+
+    report = validate(artifact, reference, data=data, n=samples, raise_on_fail=False)
+    click.echo(report.markdown())
+    if not report.passed:
+        sys.exit(1)
 
 
 @main.command("eval")

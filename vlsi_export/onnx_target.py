@@ -96,8 +96,13 @@ def _versions() -> dict:
 
 @register_target("onnx")
 def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", verbalizers: bool = False,
-                block_size: int = 32, symmetric: bool = True, overwrite: bool = False) -> Path:
-    """Export a checkpoint to an ONNX artifact folder (see the module docstring)."""
+                block_size: int = 32, symmetric: bool = True, overwrite: bool = False, validate: bool = True,
+                data=None, parity_samples: int = 16) -> Path:
+    """Export a checkpoint to an ONNX artifact folder (see the module docstring).
+
+    With ``validate`` (default) the artifact is checked against the checkpoint before it is
+    moved into place; on failure no artifact is made, the parity report is left in
+    ``<out>.parity-failed/`` and :class:`~vlsi_export.validate.ParityError` is raised."""
     from vlsi.checkpoint import load_checkpoint
     from vlsi.manifest import folder_hash, write_manifest
 
@@ -137,7 +142,30 @@ def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", ver
             **info,
         }
         write_manifest(tmp, manifest)
+        if validate:
+            gate(tmp, out, model, manifest, data, parity_samples)
     return out
+
+
+def gate(tmp: Path, out: Path, reference, manifest: dict, data, samples: int) -> None:
+    """Run parity on the finished folder; record it in the manifest, or refuse the export."""
+    from vlsi.manifest import write_manifest
+
+    from .validate import ParityError, validate
+
+    report = validate(tmp, reference, data=data, n=samples, raise_on_fail=False)
+    if not report.passed:
+        failed = out.parent / f"{out.name}.parity-failed"
+        shutil.rmtree(failed, ignore_errors=True)
+        failed.mkdir(parents=True)
+        for name in ("parity.json", "parity.md", "parity.png"):
+            if (tmp / name).is_file():
+                shutil.copyfile(tmp / name, failed / name)
+        raise ParityError(f"export to {out} refused, parity failed ({report.precision}): "
+                          + "; ".join(report.failures) + f". Report: {failed}/parity.md")
+    manifest = {k: v for k, v in manifest.items() if k != "files"}
+    manifest["parity"] = {"passed": True, "metrics": {k: v for k, v in report.metrics.items() if not isinstance(v, dict)}}
+    write_manifest(tmp, manifest)
 
 
 def describe(out: Path) -> str:
