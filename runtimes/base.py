@@ -83,8 +83,10 @@ class Runtime:
             raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
 
     def stream_tokens(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                      top_p: float = 1.0, source: str | int = FINAL, seed: int = 0) -> Iterator[int]:
-        """Yield new token ids, read from the model's head or a verbalizer layer's."""
+                      top_p: float = 1.0, source: str | int = FINAL, seed: int = 0,
+                      ignore_eos: bool = False) -> Iterator[int]:
+        """Yield new token ids, read from the model's head or a verbalizer layer's
+        (``ignore_eos`` decodes exactly ``max_new_tokens``, for benchmarks)."""
         self._check(max_new_tokens, temperature, top_p)
         if source != FINAL and source not in self.verbalizer_layers:
             raise ConfigError(f"layer {source} has no verbalizer here; kept: {list(self.verbalizer_layers)}")
@@ -92,7 +94,7 @@ class Runtime:
         state, logits = self._prefill(self._encode(list(images), prompt))
         for _ in range(max_new_tokens):
             tok = self._pick(logits[source], temperature, top_p, rng)
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not ignore_eos:
                 return
             yield tok
             logits = self._step(state, tok)

@@ -100,3 +100,24 @@ def test_unknown_backend_and_path(tmp_path):
         vlsi_runtimes.load(tmp_path, backend="tflite")
     with pytest.raises(ConfigError, match="neither an export artifact"):
         vlsi_runtimes.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_table(pair, tiny_ckpt, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from vlsi.cli import main
+
+    _, _, art = pair
+    res = CliRunner().invoke(main, ["bench", str(art), "--reference", str(tiny_ckpt), "--runs", "1",
+                                    "--new-tokens", "4", "--prompt-tokens", "40", "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["backend"] for r in rows] == ["torch", "onnx"]
+    assert rows[0]["x_decode_vs_torch"] == 1.0
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 0 and r["roofline_tok_s"] > 0
+    assert rows[1]["vision_s"] > 0
+    assert "% of roofline" in res.output

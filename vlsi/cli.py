@@ -19,6 +19,7 @@ COMMANDS = {
     "train bench": "vlsi_train.bench:bench",
     "export": "vlsi_export.onnx_target:export_onnx",
     "validate": "vlsi_export.validate:validate",
+    "bench": "vlsi_export.bench:bench",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
 }
@@ -212,6 +213,27 @@ def validate_cmd(artifact, reference, data, samples):
     click.echo(report.markdown())
     if not report.passed:
         sys.exit(1)
+
+
+@main.command("bench")
+@click.argument("artifacts", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The checkpoint (timed as PyTorch eager fp32, the baseline of every ratio).")
+@click.option("--prompt-tokens", default=64, show_default=True, help="Approximate prompt length.")
+@click.option("--new-tokens", default=64, show_default=True, help="Tokens decoded per run (end-of-turn ignored).")
+@click.option("--runs", default=5, show_default=True, help="Timed runs per backend (medians reported).")
+@click.option("--threads", default=0, show_default=True, help="CPU threads per backend (0: the runtime's default).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, out):
+    """Time to first token, decode tokens/s, vision latency and peak RSS per artifact vs PyTorch."""
+    from vlsi_export.bench import bench, format_rows
+
+    rows = bench(list(artifacts), reference, prompt_tokens, new_tokens, runs, threads)
+    click.echo(format_rows(rows))
+    if out:
+        from vlsi.atomic import atomic_write_text
+
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
 
 
 @main.command("eval")

@@ -4,11 +4,12 @@ VLsI's interact on the same batch. Each mode runs in its own process so peak mem
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from vlsi.sysinfo import peak_rss_mb
 
 MODES = {
     "sft": {"stage": "sft"},
@@ -46,7 +47,7 @@ def _measure(mode: str, teacher: str, student: str, data: str, steps: int, batch
             torch.cuda.synchronize()
         if k >= 2:  # warm-up steps excluded
             times.append(time.perf_counter() - t)
-    out = {"mode": mode, "s_per_step": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"mode": mode, "s_per_step": statistics.median(times), "peak_rss_mb": peak_rss_mb(),
            "answer_tokens": tokens, "batch": len(idxs), "device": str(tr.device)}
     if tr.device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

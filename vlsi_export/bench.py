@@ -1,0 +1,125 @@
+"""``vlsi bench``: time to first token, decode tokens/s, vision-encoder latency and peak RSS
+per backend/precision, each in a fresh process, with ratios to PyTorch eager fp32 measured in
+the same run, and the memory-bandwidth roofline beside each decode figure."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlsi.sysinfo import peak_rss_mb
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large memory copy (read + write counted once, as decode reads weights)."""
+    a = np.ones(mb * 2**20 // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights a decode step reads: the decoder graph(s), or the checkpoint's text weights."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        m = json.loads((path / "manifest.json").read_text())
+        dec = m["graphs"]["decoder"]["file"]
+        return sum(e["bytes"] for name, e in m["files"].items() if name.startswith(dec))
+    from safetensors import safe_open
+
+    total = 0
+    for f in path.glob("model*.safetensors"):
+        with safe_open(str(f), framework="np") as st:
+            for k in st.keys():
+                if "visual" not in k and "embed_tokens" not in k:
+                    shape = st.get_slice(k).get_shape()
+                    total += int(np.prod(shape)) * 4
+    return total
+
+
+def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
+    import vlsi_runtimes
+    from PIL import Image
+
+    kw = {"threads": threads} if backend == "onnx" and threads else {}
+    if backend == "torch" and threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    rt = vlsi_runtimes.load(path, backend=backend, **kw)
+    image = Image.new("RGB", (56, 56), (122, 117, 104))
+    prompt = " ".join(["word"] * max(1, prompt_tokens - 30))  # ~prompt_tokens with the chat template
+    ttft, tps, vis = [], [], []
+    for _ in range(runs + 1):
+        t0 = time.perf_counter()
+        it = rt.stream_tokens([image], prompt, new_tokens, ignore_eos=True)
+        next(it)
+        t1 = time.perf_counter()
+        n = 1 + sum(1 for _ in it)
+        t2 = time.perf_counter()
+        ttft.append(t1 - t0)
+        tps.append((n - 1) / max(t2 - t1, 1e-9))
+        if hasattr(rt, "image_embeds"):
+            pix, grid = rt._encode([image], "x").images
+            t = time.perf_counter()
+            rt.image_embeds(pix, grid)
+            vis.append(time.perf_counter() - t)
+    ttft, tps = ttft[1:], tps[1:]  # the first run warms caches
+    return {"path": path, "backend": rt.name, "ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(tps),
+            "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int = 64, runs: int = 5,
+          threads: int = 0) -> list[dict]:
+    """Benchmark the reference checkpoint (PyTorch eager fp32) and every artifact."""
+    bw = copy_bandwidth()
+    rows = []
+    for path, backend in [(str(reference), "torch"), *[(str(a), "auto") for a in artifacts]]:
+        cmd = [sys.executable, "-m", "vlsi_export.bench", path, backend, str(prompt_tokens), str(new_tokens),
+               str(runs), str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"bench of {path} failed:\n{res.stderr[-2000:]}")
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["weights_mb"] = weight_bytes(Path(path)) / 2**20
+        row["roofline_tok_s"] = bw / max(1, weight_bytes(Path(path)))
+        if Path(path, "manifest.json").is_file():
+            row["precision"] = json.loads(Path(path, "manifest.json").read_text())["graphs"]["decoder"]["precision"]
+        else:
+            row["precision"] = "fp32"
+        rows.append(row)
+    base = rows[0]
+    for r in rows:
+        r["x_decode_vs_torch"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["x_ttft_vs_torch"] = base["ttft_s"] / r["ttft_s"]
+        r["roofline_frac"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        r["copy_bandwidth_gb_s"] = bw / 1e9
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = ["| backend | precision | weights MB | TTFT s | decode tok/s | x PyTorch | roofline tok/s | "
+             "% of roofline | vision s | peak RSS MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        vis = f"{r['vision_s']:.4f}" if r.get("vision_s") is not None else "-"
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['weights_mb']:.1f} | {r['ttft_s']:.4f} | "
+                     f"{r['decode_tok_s']:.1f} | {r['x_decode_vs_torch']:.2f} | {r['roofline_tok_s']:.0f} | "
+                     f"{100 * r['roofline_frac']:.0f}% | {vis} | {r['peak_rss_mb']:.0f} |")
+    lines.append(f"\ncopy bandwidth {rows[0]['copy_bandwidth_gb_s']:.1f} GB/s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p, backend, pt, nt, runs, threads = sys.argv[1:7]
+    print(json.dumps(_measure(p, backend, int(pt), int(nt), int(runs), int(threads))))
