@@ -1,0 +1,48 @@
+"""Build the benchmark-size model: a Qwen2-0.5B-shaped decoder (hidden 896, 24 layers, 14
+heads, 2 KV heads, intermediate 4864, vocab 151936, tied embeddings) with a small vision
+tower and random weights, saved as a vlsi checkpoint.
+
+    python scripts/make_bench_model.py --out runs/bench/model
+    vlsi export --model runs/bench/model --target onnx --out runs/bench/int8 --quant int8 --no-validate
+    vlsi bench runs/bench/int8 --reference runs/bench/model --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from vlsi.adapters import get_adapter
+from vlsi.checkpoint import save_checkpoint
+from vlsi.tiny import TinySpec, default_tokenizer, token_ids
+
+SPEC = TinySpec(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864,
+                vision_embed=128, vision_depth=3, vision_heads=4, rope_theta=1_000_000.0, image_size=56)
+VOCAB = 151936
+
+
+def build(seed: int = 0):
+    tok = default_tokenizer()
+    ad = get_adapter("qwen2_vl")
+    config = ad.tiny_config(SPEC, VOCAB, token_ids(tok))
+    config.tie_word_embeddings = True
+    config.text_config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = ad.model_class()(config).eval()
+    return model, tok, ad.tiny_image_processor(SPEC.image_size)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    model, tok, proc = build(a.seed)
+    n = sum(x.numel() for x in model.parameters())
+    save_checkpoint(a.out, model, tok, proc, provenance={"built_by": "scripts/make_bench_model.py", "params": n})
+    print(f"wrote {a.out}: {n / 1e6:.0f}M parameters")
+
+
+if __name__ == "__main__":
+    main()
