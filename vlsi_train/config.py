@@ -50,8 +50,6 @@ class VerbalizerSpec:
     """Head variant (paper Table 4)."""
     depth: int = 1
     """1 (x1) or 2 (x2) blocks per head."""
-    teacher_target_layers: Optional[str] = None
-    """Teacher's target layers when it gets new heads in the verbalize stage (default: every layer but the last)."""
 
 
 @dataclass(frozen=True)

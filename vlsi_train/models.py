@@ -29,13 +29,13 @@ def load_student(cfg: TrainConfig, device) -> Checkpoint:
     return ck
 
 
-def ensure_verbalizers(ck: Checkpoint, spec, which: str = "student") -> Verbalizers:
-    """The checkpoint's verbalizers, or new ones from the config's target layers."""
+def ensure_verbalizers(ck: Checkpoint, spec) -> Verbalizers:
+    """The checkpoint's verbalizers, or new ones from the config's target layers (the verbalize
+    stage runs on one model at a time, teacher or student, each with its own targets)."""
     if ck.verbalizers is not None:
         return ck.verbalizers
     n = get_adapter(ck.model).text_sizes(ck.model.config).num_layers
-    layers = spec.target_layers if which == "student" else (spec.teacher_target_layers or f"1:{n}:1")
-    cfg = VerbalizerConfig(parse_target_layers(layers, n), arch=spec.arch, depth=spec.depth)
+    cfg = VerbalizerConfig(parse_target_layers(spec.target_layers, n), arch=spec.arch, depth=spec.depth)
     ck.verbalizers = Verbalizers.for_model(ck.model, cfg)
     return ck.verbalizers
 
@@ -62,6 +62,15 @@ def check_pair(student: Checkpoint, teacher: Checkpoint) -> None:
         raise ConfigError(
             f"the student has {ts} target layers but the teacher only {tl}: layer matching needs ts <= tl "
             f"(fewer student targets via verbalizer.target_layers, or more teacher heads)"
+        )
+    if ts == tl:
+        import warnings
+
+        warnings.warn(
+            f"student and teacher both have {ts} target layers: with the search range and order "
+            "preservation every student layer has a single candidate, so matching is fixed "
+            "(give the teacher more verbalized layers for the adaptive matching to choose among)",
+            stacklevel=2,
         )
 
 

@@ -60,8 +60,9 @@ def run(path: str | Path | None = None, overrides: list[str] | None = None, resu
     from .trainer import train
 
     done = []
-    for cfg in stage_configs(path, overrides):
-        if (Path(cfg.out) / META_FILE).is_file() and len(stage_configs(path, overrides)) > 1:
+    cfgs = stage_configs(path, overrides)
+    for cfg in cfgs:
+        if len(cfgs) > 1 and (Path(cfg.out) / META_FILE).is_file():
             print(f"{cfg.stage}: {cfg.out} exists, skipped")
             done.append(Path(cfg.out))
             continue
