@@ -56,6 +56,9 @@ class Recipe:
     lr: float = 1e-3
     distill_temperature: float = 1.0
     interact_lr: float = 1e-3
+    data_seed: int = 0
+    """Seed of the data and the teacher, shared by every run; a run's own seed drives the
+    student's initialisation, data order and the matching sampler."""
 
     def key(self) -> str:
         blob = json.dumps({"recipe": asdict(self), "code": CODE_VERSION}, sort_keys=True)
@@ -103,14 +106,17 @@ class Run:
 
         d = self.out / "data"
         if not (d / "meta.json").is_file():
-            generate(d, SynthConfig(**{**self.r.synth, "seed": self.seed}), progress=self.progress, overwrite=True)
+            generate(d, SynthConfig(**{**self.r.synth, "seed": self.r.data_seed}), progress=self.progress,
+                     overwrite=True)
         return d
 
     def teacher(self, data: Path) -> Path:
-        key = hashlib.sha256(json.dumps([self.r.key(), self.seed, self.r.synth], sort_keys=True).encode()).hexdigest()[:16]
+        r = self.r
+        key = hashlib.sha256(json.dumps([CODE_VERSION, r.teacher, r.teacher_steps, r.teacher_lr, r.batch_size,
+                                         r.data_seed, r.synth], sort_keys=True).encode()).hexdigest()[:16]
         cached = _cache_root() / "teachers" / key
-        self._train(cached, stage="pretrain", model=self.r.teacher, data=str(data / "train.json"),
-                    steps=self.r.teacher_steps, optim={"lr": self.r.teacher_lr, "min_lr": self.r.teacher_lr / 100})
+        self._train(cached, stage="pretrain", model=r.teacher, data=str(data / "train.json"), seed=r.data_seed,
+                    steps=r.teacher_steps, optim={"lr": r.teacher_lr, "min_lr": r.teacher_lr / 100})
         return cached
 
     def prepare(self) -> dict:
