@@ -12,7 +12,7 @@ BIN     = $(VENV)/bin
 
 $(BIN)/vlsi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip "setuptools>=68"
 	$(BIN)/pip install -q "$(TORCH)" -e ".[$(EXTRAS)]"
 	@touch $@
 
