@@ -21,7 +21,6 @@ COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocesso
 
 def _export_qwen2_vl(ck, verbalizers, tmp: Path) -> dict:
     """The Qwen2-VL graphs in fp32; returns their signatures."""
-    import numpy as np
     import torch
     from PIL import Image
 
@@ -53,7 +52,6 @@ def _export_qwen2_vl(ck, verbalizers, tmp: Path) -> dict:
     torch.onnx.export(dec, example, str(tmp / "decoder.onnx"), input_names=ins, output_names=outs,
                       dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {1: dyn, 2: dyn},
                                       tuple({0: dyn, 2: dyn} for _ in past)), **quiet)
-    del np
     return {
         "model": {
             "arch": ck.adapter.name,
