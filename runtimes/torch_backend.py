@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-
 from .base import FINAL, Prompt, Runtime
 
 
@@ -72,5 +70,3 @@ class TorchRuntime(Runtime):
     def _decode(self, ids):
         return self.ck.tokenizer.decode(ids, skip_special_tokens=True)
 
-
-__all__ = ["TorchRuntime", "np"]

@@ -6,7 +6,6 @@ The folder is written atomically: a failed export leaves no artifact behind.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -165,7 +164,3 @@ def gate(tmp: Path, out: Path, reference, manifest: dict, data, samples: int) ->
     manifest["parity"] = {"passed": True, "metrics": {k: v for k, v in report.metrics.items() if not isinstance(v, dict)}}
     write_manifest(tmp, manifest)
 
-
-def describe(out: Path) -> str:
-    m = json.loads((Path(out) / "manifest.json").read_text())
-    return ", ".join(f"{k} {v['precision']}" for k, v in m["graphs"].items())

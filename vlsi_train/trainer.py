@@ -7,6 +7,7 @@ count, so N processes give the same update as one process with the same global b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -294,7 +295,7 @@ class Trainer:
             try:
                 for k, idxs in enumerate(micro):
                     sync = k == len(micro) - 1
-                    ctx = self.wrapped.no_sync() if (self.distributed and not sync and hasattr(self.wrapped, "no_sync")) else _null()
+                    ctx = self.wrapped.no_sync() if (self.distributed and not sync and hasattr(self.wrapped, "no_sync")) else contextlib.nullcontext()
                     with ctx:
                         loss, logs, _ = self._micro_loss(idxs, global_tokens)
                         loss.backward()
@@ -418,14 +419,6 @@ class Trainer:
         return plots.matching_heatmaps(counts(matched[:tenth]), counts(matched[-tenth:]),
                                        self.student.verbalizers.target_layers, self.teacher.verbalizers.target_layers,
                                        self.run / "matching.png")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
