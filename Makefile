@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build; on a CUDA machine or a Jetson, install your torch first and pass TORCH=torch.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= train,onnx,dev
+EXTRAS ?= train,onnx,app,dev
 OUT    ?= runs/quickstart
 BIN     = $(VENV)/bin
 

@@ -82,16 +82,22 @@ class Runtime:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
 
-    def stream_tokens(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+    def encode(self, images, prompt: str) -> Prompt:
+        """Tokenise ``prompt`` with its images (checked and preprocessed by this backend)."""
+        return self._encode(list(images), prompt)
+
+    def stream_tokens(self, images, prompt: str | Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_p: float = 1.0, source: str | int = FINAL, seed: int = 0,
                       ignore_eos: bool = False) -> Iterator[int]:
         """Yield new token ids, read from the model's head or a verbalizer layer's
-        (``ignore_eos`` decodes exactly ``max_new_tokens``, for benchmarks)."""
+        (``ignore_eos`` decodes exactly ``max_new_tokens``, for benchmarks). ``prompt`` may be
+        text (encoded with ``images``) or a :class:`Prompt` from :meth:`encode`."""
         self._check(max_new_tokens, temperature, top_p)
         if source != FINAL and source not in self.verbalizer_layers:
             raise ConfigError(f"layer {source} has no verbalizer here; kept: {list(self.verbalizer_layers)}")
         rng = np.random.default_rng(seed)
-        state, logits = self._prefill(self._encode(list(images), prompt))
+        encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
+        state, logits = self._prefill(encoded)
         for _ in range(max_new_tokens):
             tok = self._pick(logits[source], temperature, top_p, rng)
             if tok in self.eos_ids and not ignore_eos:
@@ -101,51 +107,87 @@ class Runtime:
 
     def generate(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop: list[str] | None = None, stream: bool = False, seed: int = 0):
-        """The answer as text, or with ``stream=True`` an iterator of text pieces.
+        """The answer as text, or with ``stream=True`` a :class:`Generation`: an iterator of
+        text pieces that also counts tokens and says why it finished.
 
         Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string."""
-        pieces = self._stream_text(images, prompt, max_new_tokens, temperature, top_p, stop or [], seed)
-        return pieces if stream else "".join(pieces)
-
-    def _stream_text(self, images, prompt, max_new_tokens, temperature, top_p, stop, seed) -> Iterator[str]:
-        ids: list[int] = []
-        sent = ""
-        for tok in self.stream_tokens(images, prompt, max_new_tokens, temperature, top_p, FINAL, seed):
-            ids.append(tok)
-            text = self._decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
-                continue
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                if cut > len(sent):
-                    yield text[len(sent):cut]
-                return
-            # hold back a tail that could still become a stop string
-            hold = max((len(s) - 1 for s in stop), default=0)
-            ready = text[: max(len(sent), len(text) - hold)]
-            if len(ready) > len(sent):
-                yield ready[len(sent):]
-                sent = ready
-        text = self._decode(ids)
-        if len(text) > len(sent):
-            yield text[len(sent):]
+        gen = Generation(self, self.encode(images, prompt), max_new_tokens, temperature, top_p, stop or [], seed)
+        return gen if stream else "".join(gen)
 
     def verbalize(self, images, prompt: str, max_new_tokens: int = 32) -> dict:
         """What each layer would answer: greedy decoding from every kept verbalizer, shallow to
         deep, then the model's own head (the paper's Figure 3)."""
         out = {}
+        encoded = self.encode(images, prompt)
         for layer in (*self.verbalizer_layers, FINAL):
-            out[layer] = self._decode(list(self.stream_tokens(images, prompt, max_new_tokens, source=layer)))
+            out[layer] = self._decode(list(self.stream_tokens(None, encoded, max_new_tokens, source=layer)))
         return out
 
     def logits(self, images, prompt: str, continuation: list[int] | None = None) -> list[dict]:
         """Next-token logits after the prompt and after each token of ``continuation``:
         a list of ``{"final": (V,), layer: (V,), ...}`` (used for parity checks)."""
-        state, lg = self._prefill(self._encode(list(images), prompt))
+        state, lg = self._prefill(self.encode(images, prompt))
         out = [lg]
         for tok in continuation or []:
             out.append(self._step(state, tok))
         return out
+
+
+class Generation:
+    """Text pieces as they are decoded; afterwards ``prompt_tokens``, ``completion_tokens``,
+    ``text`` and ``finish_reason`` (``"stop"``: end of sequence or a stop string,
+    ``"length"``: ``max_new_tokens`` reached, ``"cancelled"``: :meth:`cancel` was called).
+    ``cancel()`` may be called from another thread; decoding stops before the next token."""
+
+    def __init__(self, runtime: Runtime, prompt: Prompt, max_new_tokens, temperature, top_p, stop, seed):
+        self.prompt_tokens = len(prompt.ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.text = ""
+        self._cancelled = False
+        self._pieces = self._run(runtime, prompt, max_new_tokens, temperature, top_p, stop, seed)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def __iter__(self):
+        return self._pieces
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def _run(self, rt, prompt, max_new_tokens, temperature, top_p, stop, seed) -> Iterator[str]:
+        ids: list[int] = []
+        hold = max((len(s) - 1 for s in stop), default=0)
+        self.finish_reason = "stop"
+        for tok in rt.stream_tokens(None, prompt, max_new_tokens, temperature, top_p, FINAL, seed):
+            if self._cancelled:
+                self.finish_reason = "cancelled"
+                return
+            ids.append(tok)
+            self.completion_tokens = len(ids)
+            text = rt._decode(ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
+                continue
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(self.text):
+                    yield self._emit(text[:cut])
+                return
+            # hold back a tail that could still become a stop string
+            ready = text[: max(len(self.text), len(text) - hold)]
+            if len(ready) > len(self.text):
+                yield self._emit(ready)
+        else:
+            if len(ids) >= max_new_tokens:
+                self.finish_reason = "length"
+        text = rt._decode(ids)
+        if len(text) > len(self.text):
+            yield self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        piece, self.text = text[len(self.text):], text
+        return piece
 
 
 def read_json(path: Path) -> dict:

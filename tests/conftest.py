@@ -47,3 +47,12 @@ def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, SynthConfig(n=60, seed=0, n_eval=24), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(tiny_ckpt, tmp_path_factory):
+    """``tiny_ckpt`` exported to ONNX fp32 with its verbalizers (parity-checked)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from vlsi_export import get_target
+
+    return get_target("onnx")(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "fp32", verbalizers=True)

@@ -17,11 +17,8 @@ from vlsi.errors import ConfigError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_ckpt, tmp_path_factory):
-    from vlsi_export import get_target
-
-    art = get_target("onnx")(tiny_ckpt, tmp_path_factory.mktemp("rt") / "fp32", verbalizers=True)
-    return vlsi_runtimes.load(tiny_ckpt), vlsi_runtimes.load(art), art
+def pair(tiny_ckpt, onnx_artifact):
+    return vlsi_runtimes.load(tiny_ckpt), vlsi_runtimes.load(onnx_artifact), onnx_artifact
 
 
 def _img(seed=0, size=84):

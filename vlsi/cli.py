@@ -22,6 +22,8 @@ COMMANDS = {
     "bench": "vlsi_export.bench:bench",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
+    "serve": "vlsi_apps.server:serve",
+    "demo": "vlsi_apps.demo:demo",
 }
 
 
@@ -256,6 +258,54 @@ def eval_cmd(model_dir, data_path, verbalize, out, batch_size, max_new_tokens, l
         click.echo(f"  {cat:<14} {acc:.3f}")
     for layer, acc in rep.get("per_layer_accuracy", {}).items():
         click.echo(f"  layer {layer:>3}     {acc:.3f}")
+
+
+def _limits_options(f):
+    for opt in reversed([
+        click.option("--max-tokens", default=512, show_default=True, help="Cap on a request's max_tokens (and its default)."),
+        click.option("--max-queue", default=8, show_default=True, help="Requests that may wait while one runs; more get 429."),
+        click.option("--max-image-pixels", default=16_000_000, show_default=True, help="Largest decoded image, in pixels."),
+        click.option("--max-body-mb", default=16, show_default=True, help="Largest request body, in MiB."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb):
+    from vlsi_apps.server import Limits
+
+    return Limits(max_tokens=max_tokens, max_queue=max_queue, max_image_pixels=max_image_pixels,
+                  max_body_bytes=max_body_mb * 1024 * 1024)
+
+
+@main.command("serve")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
+              help="Runtime backend (auto: from the artifact's manifest, torch for a checkpoint).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes it to the network.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--api-key", default=None, envvar="VLSI_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (env VLSI_API_KEY).")
+@click.option("--name", default=None, help="Model id in the API (default: the folder name).")
+@_limits_options
+def serve_cmd(model, backend, host, port, api_key, name, **limits):
+    """Serve an artifact or checkpoint: OpenAI-compatible /v1/chat/completions and the demo page at /."""
+    from vlsi_apps.server import serve
+
+    serve(model, backend=backend, host=host, port=port, api_key=api_key, name=name, limits=_limits(**limits))
+
+
+@main.command("demo")
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--quickstart-out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False),
+              help="Where the quickstart's output is (it runs there first if missing).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+def demo_cmd(model, quickstart_out, host, port):
+    """The demo app: serve MODEL, or the quickstart's VLsI student (exported to ONNX with its
+    verbalizers when onnxruntime is installed), and print the URL."""
+    from vlsi_apps.demo import demo
+
+    demo(model, quickstart_out=quickstart_out, host=host, port=port)
 
 
 if __name__ == "__main__":

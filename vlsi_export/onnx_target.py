@@ -18,6 +18,9 @@ from .quantize import PRECISIONS, quantize_graph
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "vlsi.json")
 
 
+OPSET = 23
+
+
 def _export_qwen2_vl(ck, verbalizers, tmp: Path) -> dict:
     """The Qwen2-VL graphs in fp32; returns their signatures."""
     import torch
@@ -28,7 +31,9 @@ def _export_qwen2_vl(ck, verbalizers, tmp: Path) -> dict:
     dyn = torch.export.Dim.DYNAMIC
     model = ck.model.eval()
     sizes = ck.adapter.text_sizes(model.config)
-    quiet = {"dynamo": True, "verbose": False}
+    # opset 23 has RMSNormalization and Attention: about 30% fewer nodes per decode step than
+    # opset 20's decomposed norm and softmax, which matters when a token takes a few ms.
+    quiet = {"dynamo": True, "verbose": False, "opset_version": OPSET}
 
     proc = ck.adapter.process_images(ck.image_processor, [Image.new("RGB", (56, 56), (122, 117, 104))])
     pos, seg = vision_inputs(proc["image_grid_thw"].numpy(), model.config.vision_config.spatial_merge_size)
@@ -135,6 +140,7 @@ def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", ver
             "quantization": {"decoder": quant, "vision": vision_quant, "block_size": block_size,
                              "symmetric": symmetric},
             "eos_token_ids": [ck.tokenizer.token_to_id("<|im_end|>"), ck.tokenizer.token_to_id("<|endoftext|>")],
+            "opset": OPSET,
             "tools": _versions(),
             **info,
         }
