@@ -322,8 +322,9 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                     "total_tokens": gen.prompt_tokens + gen.completion_tokens}
 
         def extras(gen, timing, layers):
-            out = {"usage": usage(gen), "vlsi": {"backend": backend, **timing, "tokens_per_s": (
-                gen.completion_tokens / timing["seconds"] if timing["seconds"] else None)}}
+            decode_s = timing["seconds"] - (timing["ttft_s"] or 0.0)
+            rate = (gen.completion_tokens - 1) / decode_s if gen.completion_tokens > 1 and decode_s > 0 else None
+            out = {"usage": usage(gen), "vlsi": {"backend": backend, **timing, "tokens_per_s": rate}}
             if layers is not None:
                 out["verbalizations"] = layers
             return out

@@ -70,6 +70,12 @@ class Decoder(nn.Module):
     ``inputs_embeds (B, L, D), attention_mask (B, P+L), position_ids (3, B, L), past_key_0,
     past_value_0, ... (B, kvH, P, hd)`` -> ``logits (B, V)`` for the last position, one
     ``(B, V)`` logits output per kept verbalizer layer, then ``present_key_i, present_value_i``.
+
+    The layers are written out here rather than traced through transformers' modules, with
+    the same weights and arithmetic, so that a decode step is a short graph: q/k/v and
+    gate/up each one MatMul (one quantised MatMul after ``--quant``), M-RoPE cos/sin and the
+    causal mask computed once for all layers, and grouped-query attention as one ``Attention``
+    node (no repeated K/V). At a few milliseconds per token, node count is speed.
     """
 
     def __init__(self, model, verbalizers=None):
@@ -77,31 +83,59 @@ class Decoder(nn.Module):
         from vlsi.adapters import get_adapter
 
         self.adapter = get_adapter(model)
-        self.model = model
         self.lm = self.adapter.language_model(model)
         self.head = self.adapter.lm_head(model)
         self.verbalizers = verbalizers
-        self.n_layers = self.adapter.text_sizes(model.config).num_layers
+        sizes = self.adapter.text_sizes(model.config)
+        self.n_layers, self.n_heads, self.kv_heads, self.head_dim = (
+            sizes.num_layers, sizes.num_heads, sizes.num_kv_heads, sizes.head_dim)
         if verbalizers is not None and verbalizers.cfg.arch == "decoder_block":
             raise ValueError("decoder_block verbalizers attend over the whole sequence and are not exported yet")
+        self.qkv = nn.ModuleList()
+        self.gate_up = nn.ModuleList()
+        with torch.no_grad():
+            for layer in self.lm.layers:
+                at, mlp = layer.self_attn, layer.mlp
+                qkv = nn.Linear(at.q_proj.in_features, 0, bias=at.q_proj.bias is not None)
+                qkv.weight = nn.Parameter(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]))
+                if qkv.bias is not None:
+                    qkv.bias = nn.Parameter(torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias]))
+                gu = nn.Linear(mlp.gate_proj.in_features, 0, bias=False)
+                gu.weight = nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+                self.qkv.append(qkv)
+                self.gate_up.append(gu)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        from vlsi.verbalizer import LayerTap
-
-        cache = DynamicCache(config=self.model.config.get_text_config())
-        for i in range(self.n_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        b, length = inputs_embeds.shape[0], inputs_embeds.shape[1]
+        nh, kvh, hd = self.n_heads, self.kv_heads, self.head_dim
+        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids)  # (B, L, hd), M-RoPE sections merged
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        total = attention_mask.shape[1]
+        keys = torch.arange(total, device=inputs_embeds.device)
+        queries = torch.arange(length, device=inputs_embeds.device) + (total - length)
+        mask = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
         layers = self.verbalizers.target_layers if self.verbalizers is not None else ()
-        with LayerTap(self.model, layers) as hidden:
-            out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, use_cache=True)
-        logits = self.head(out.last_hidden_state[:, -1])
-        verb = [self.head(self.verbalizers.heads[str(k)](hidden[k][:, -1:])[:, -1]) for k in layers]
-        presents = []
-        for layer in out.cache.layers:
-            presents += [layer.keys, layer.values]
+        hidden, presents = {}, []
+        h = inputs_embeds
+        for i, layer in enumerate(self.lm.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self.qkv[i](x).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+            q = q.view(b, length, nh, hd).transpose(1, 2)
+            k = k.view(b, length, kvh, hd).transpose(1, 2)
+            v = v.view(b, length, kvh, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kvh != nh)
+            h = h + layer.self_attn.o_proj(a.transpose(1, 2).reshape(b, length, nh * hd))
+            g, u = self.gate_up[i](layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+            h = h + layer.mlp.down_proj(layer.mlp.act_fn(g) * u)
+            if i + 1 in layers:
+                hidden[i + 1] = h[:, -1:]
+        logits = self.head(self.lm.norm(h[:, -1]))
+        verb = [self.head(self.verbalizers.heads[str(k)](hidden[k])[:, -1]) for k in layers]
         return (logits, *verb, *presents)
 
     def io_names(self) -> tuple[list[str], list[str]]:
