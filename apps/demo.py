@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 
-def demo_model(quickstart_out="runs/quickstart") -> Path:
+def demo_model(quickstart_out="runs/quickstart", recipe=None) -> Path:
     """The model the demo serves: the quickstart student as an ONNX artifact with its
     verbalizers (exported once, parity-checked) when onnxruntime is installed, else the checkpoint.
     Runs the quickstart first if its output is missing."""
@@ -16,7 +16,7 @@ def demo_model(quickstart_out="runs/quickstart") -> Path:
         from vlsi_train.quickstart import quickstart
 
         print(f"vlsi demo: no quickstart output in {out}; running the quickstart first (about 15 minutes)")
-        quickstart(out)
+        quickstart(out, recipe=recipe)
     if importlib.util.find_spec("onnxruntime") is None:
         return ckpt
     artifact = out / "vlsi-onnx"

@@ -104,6 +104,13 @@ def test_quantised_decoders_stay_close(tiny_ckpt, artifact, tmp_path, quant):
     got = ort.InferenceSession(str(out / "decoder.onnx")).run(["logits"], feed)[0]
     tol = {"fp16": 1e-2, "int8": 0.1, "int4": 0.3}[quant]
     assert np.abs(got - ref).max() < tol * max(1.0, np.abs(ref).max())
+    if quant in ("int8", "int4"):  # every weight product is quantised, the LM and verbalizer heads included
+        import onnx
+
+        g = onnx.load(str(out / "decoder.onnx")).graph
+        weights = {t.name for t in g.initializer}
+        left = [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
+        assert not left, f"{quant}: float weight products left: {left}"
 
 
 @pytest.mark.slow

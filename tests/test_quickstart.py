@@ -46,6 +46,13 @@ def test_quickstart_report(tmp_path, monkeypatch):
     quickstart(tmp_path / "qs2", seed=0, recipe=MINI, progress=False)
     assert teachers() == cached and (cached[0] / "model.safetensors").stat().st_mtime == mtime
     assert rep["vlsi_acc"] == on_disk["vlsi_acc"]
+    # a finished folder is not reused for a different recipe (stale results would be reported)
+    from dataclasses import replace
+
+    from vlsi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different settings.*steps"):
+        quickstart(tmp_path / "qs2", seed=0, recipe=replace(MINI, student_steps=4), progress=False)
 
 
 @pytest.mark.slow
@@ -71,3 +78,20 @@ def test_ablation_grid(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="unknown interact keys.*matcher"):
         read_grid(bad)
+
+
+@pytest.mark.slow
+def test_demo_model_runs_the_quickstart_then_exports(tmp_path, monkeypatch):
+    """`vlsi demo` with no model: the quickstart runs if its output is missing, then its VLsI
+    student is exported to ONNX with the verbalizers, once."""
+    pytest.importorskip("onnxruntime")
+    from vlsi.manifest import load_manifest
+    from vlsi_apps.demo import demo_model
+
+    monkeypatch.setenv("VLSI_CACHE", str(tmp_path / "cache"))
+    art = demo_model(tmp_path / "qs", recipe=MINI)
+    assert (tmp_path / "qs" / "report.json").is_file()
+    m = load_manifest(art)
+    assert m["target"] == "onnx" and m["verbalizers"] == [2]
+    stamp = (art / "manifest.json").stat().st_mtime
+    assert demo_model(tmp_path / "qs", recipe=MINI) == art and (art / "manifest.json").stat().st_mtime == stamp

@@ -13,7 +13,7 @@ from vlsi.atomic import atomic_dir
 from vlsi.errors import ConfigError, UnsupportedArchitectureError
 
 from . import register_target
-from .quantize import PRECISIONS, quantize_graph
+from .quantize import PRECISIONS, quantize_graph, save_model
 
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "vlsi.json")
 
@@ -127,6 +127,10 @@ def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", ver
         for name, prec in precision.items():
             dst = tmp / f"{name}.onnx"
             quantize_graph(raw / f"{name}.onnx", dst, prec, block_size=block_size, symmetric=symmetric)
+            if name == "embed":  # a row lookup: keep the table in a mapped file, not in the heap
+                import onnx
+
+                save_model(onnx.load(str(dst)), dst, external=True)
             graphs[name] = {"file": dst.name, "precision": prec, **_signature(dst)}
         shutil.rmtree(raw)
         for name in COPIED:

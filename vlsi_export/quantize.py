@@ -45,11 +45,13 @@ def quantize_graph(src: Path, dst: Path, precision: str, block_size: int = 32, s
     return dst
 
 
-def save_model(model, dst: Path) -> Path:
-    """Save a graph as one file, or with a ``.data`` file beside it past protobuf's 2 GB limit."""
+def save_model(model, dst: Path, external: bool = False) -> Path:
+    """Save a graph as one file, or with a ``.data`` file beside it past protobuf's 2 GB limit
+    (or when ``external``: ONNX Runtime maps external data into memory, so a lookup table such
+    as the token embedding only becomes resident for the rows a prompt touches)."""
     import onnx
 
-    big = model.ByteSize() > 1_800_000_000
+    big = external or model.ByteSize() > 1_800_000_000
     onnx.save(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
               location=f"{Path(dst).name}.data" if big else None)
     return Path(dst)

@@ -134,8 +134,10 @@ class Decoder(nn.Module):
             h = h + layer.mlp.down_proj(layer.mlp.act_fn(g) * u)
             if i + 1 in layers:
                 hidden[i + 1] = h[:, -1:]
-        logits = self.head(self.lm.norm(h[:, -1]))
-        verb = [self.head(self.verbalizers.heads[str(k)](hidden[k])[:, -1]) for k in layers]
+        # heads on (B, 1, D), not (B, D): a 3-D input exports as MatMul, which the int4
+        # quantiser (MatMulNBits) takes; a 2-D one becomes a Gemm that it leaves in fp32
+        logits = self.head(self.lm.norm(h[:, -1:]))[:, 0]
+        verb = [self.head(self.verbalizers.heads[str(k)](hidden[k]))[:, 0] for k in layers]
         return (logits, *verb, *presents)
 
     def io_names(self) -> tuple[list[str], list[str]]:
