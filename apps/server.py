@@ -176,10 +176,10 @@ class Engine:
                                code="queue_full")
             self.waiting += 1
 
-    def release(self) -> None:
+    def release(self, served: bool = True) -> None:
         with self.count_lock:
             self.waiting -= 1
-            self.served += 1
+            self.served += served
 
 
 def _chunk(cid, created, model, delta, finish=None, **extra) -> str:
@@ -265,18 +265,25 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                 raise ApiError(404, f"model {body.get('model')!r} does not exist here; this server has "
                                f"{model_name!r}", param="model", code="model_not_found")
             opts = parse_options(body, limits)
-            images, prompt = await asyncio.to_thread(parse_messages, body["messages"], limits)
             want_layers = bool(body.get("verbalize"))
             if want_layers and not runtime.verbalizer_layers:
                 raise ApiError(400, "`verbalize` needs an artifact exported with its verbalizers "
                                "(vlsi export --verbalizers)", param="verbalize")
+            engine.admit()  # before decoding images: a burst past the bound costs little
+        except ApiError as e:
+            return error(e)
+        try:
+            images, prompt = await asyncio.to_thread(parse_messages, body["messages"], limits)
             try:
                 encoded = await asyncio.to_thread(runtime.encode, images, prompt)
             except VLsIError as e:
                 raise ApiError(400, str(e), param="messages") from None
-            engine.admit()
         except ApiError as e:
+            engine.release(served=False)
             return error(e)
+        except BaseException:
+            engine.release(served=False)
+            raise
 
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

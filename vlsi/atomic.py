@@ -26,6 +26,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, overwrite_flag: str = "
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _usual_modes(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -38,6 +39,26 @@ def atomic_dir(out: str | Path, overwrite: bool = False, overwrite_flag: str = "
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(root: Path) -> None:
+    """mkdtemp/mkstemp make private (0700/0600) entries; give the published folder the modes a
+    plain mkdir/open would have had, so another user (a service account) can read it."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, (os.stat(p).st_mode | 0o644) & 0o777 & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file through a temporary file and ``os.replace``."""
     path = Path(path)
@@ -46,6 +67,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
