@@ -194,7 +194,11 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
-    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import (
+        FileResponse,
+        JSONResponse,
+        StreamingResponse,
+    )
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
@@ -428,7 +432,6 @@ def serve(model, backend: str = "auto", host: str = "127.0.0.1", port: int = 800
           name: str | None = None, limits: Limits | None = None) -> None:
     """Load ``model`` once and serve it until interrupted."""
     import uvicorn
-
     from vlsi_runtimes import load
 
     rt = load(model, backend=backend)

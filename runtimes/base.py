@@ -8,9 +8,9 @@ sampling, stop strings, streaming, per-layer verbalization — is written once h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -178,9 +178,8 @@ class Generation:
             ready = text[: max(len(self.text), len(text) - hold)]
             if len(ready) > len(self.text):
                 yield self._emit(ready)
-        else:
-            if len(ids) >= max_new_tokens:
-                self.finish_reason = "length"
+        if len(ids) >= max_new_tokens:
+            self.finish_reason = "length"
         text = rt._decode(ids)
         if len(text) > len(self.text):
             yield self._emit(text)

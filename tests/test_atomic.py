@@ -21,17 +21,16 @@ def test_atomic_dir_publishes_readable_folder(tmp_path):
         atomic_write_text(tmp_path / "art" / "manifest.json", "{}")
     finally:
         os.umask(old)
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
     assert mode(tmp_path / "art") == 0o755 and mode(tmp_path / "art" / "sub") == 0o755
     assert mode(tmp_path / "art" / "sub" / "weights.bin") == 0o644
     assert mode(tmp_path / "art" / "manifest.json") == 0o644
 
 
 def test_atomic_dir_leaves_nothing_on_failure_and_refuses_overwrite(tmp_path):
-    with pytest.raises(RuntimeError):
-        with atomic_dir(tmp_path / "art") as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("crash mid-export")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "art") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("crash mid-export")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "keep").write_text("old")
