@@ -29,6 +29,7 @@ def demo_model(quickstart_out="runs/quickstart", recipe=None) -> Path:
 
 
 def demo(model=None, quickstart_out="runs/quickstart", host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``model``, or the quickstart's student (see :func:`demo_model`), on ``host:port``."""
     from .server import serve
 
     serve(model or demo_model(quickstart_out), host=host, port=port)
