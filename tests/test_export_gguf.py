@@ -1,0 +1,71 @@
+"""GGUF target, text model: metadata, tokenizer and every tensor read back with the gguf reader.
+(llama.cpp itself is exercised by the llama.cpp backend's tests.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
+
+from vlsi.checkpoint import load_checkpoint  # noqa: E402
+from vlsi.errors import UnsupportedArchitectureError  # noqa: E402
+from vlsi_export.gguf_tables import QWEN2VL_TEXT, TensorTable  # noqa: E402
+from vlsi_export.gguf_target import write_text_gguf  # noqa: E402
+
+
+def _field(r, key):
+    return r.fields[key].contents()
+
+
+@pytest.mark.parametrize("ftype", ["f32", "f16"])
+def test_text_model_reads_back(tiny_ckpt, tmp_path, ftype):
+    ck = load_checkpoint(tiny_ckpt)
+    dst = tmp_path / f"text-{ftype}.gguf"
+    written = write_text_gguf(ck, tiny_ckpt, dst, ftype)
+    r = gguf.GGUFReader(str(dst))
+    tc = ck.model.config.get_text_config()
+    assert _field(r, "general.architecture") == "qwen2vl"
+    assert _field(r, "qwen2vl.block_count") == tc.num_hidden_layers
+    assert _field(r, "qwen2vl.embedding_length") == tc.hidden_size
+    assert _field(r, "qwen2vl.attention.head_count_kv") == tc.num_key_value_heads
+    assert _field(r, "qwen2vl.rope.dimension_sections") == [*tc.rope_parameters["mrope_section"], 0]
+    assert _field(r, "tokenizer.ggml.model") == "gpt2" and _field(r, "tokenizer.ggml.pre") == "qwen2"
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == tc.vocab_size
+    tok = ck.tokenizer
+    for special in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>"):
+        i = tok.token_to_id(special)
+        assert tokens[i] == special and _field(r, "tokenizer.ggml.token_type")[i] == 3  # CONTROL
+    assert _field(r, "tokenizer.ggml.eos_token_id") == tok.token_to_id("<|im_end|>")
+    assert "<|im_start|>" in _field(r, "tokenizer.chat_template")
+
+    state = ck.model.state_dict()
+    expect = {f"blk.{b}.{n}" for b in range(tc.num_hidden_layers) for n in (
+        "attn_norm.weight", "attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias", "attn_v.weight",
+        "attn_v.bias", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")}
+    expect |= {"token_embd.weight", "output_norm.weight"}
+    if "lm_head.weight" in state and not tc.tie_word_embeddings:
+        expect.add("output.weight")
+    assert {t.name for t in r.tensors} == expect == set(written)
+    table = TensorTable(QWEN2VL_TEXT, "test")
+    by_target = {table.target(k): v for k, v in state.items() if table.target(k)}
+    for t in r.tensors:
+        want = by_target[t.name].float().numpy()
+        got = np.asarray(t.data).reshape(want.shape)
+        assert t.tensor_type.name == ("F16" if ftype == "f16" and want.ndim > 1 else "F32")
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=1e-3 if ftype == "f16" else 0, atol=1e-3 if ftype == "f16" else 0)
+
+
+def test_unmapped_tensors_and_architectures_are_refused(tmp_path):
+    table = TensorTable(QWEN2VL_TEXT, "qwen2vl text model")
+    assert table.target("model.language_model.layers.7.mlp.up_proj.weight") == "blk.7.ffn_up.weight"
+    assert table.target("model.visual.blocks.0.attn.qkv.weight") is None
+    with pytest.raises(KeyError, match="no GGUF name.*rotary_emb.inv_freq"):
+        table.target("model.language_model.rotary_emb.inv_freq")
+    from vlsi.tiny import save_tiny
+
+    path = tmp_path / "llava"
+    save_tiny(path, arch="llava_onevision", size="student", seed=0)
+    with pytest.raises(UnsupportedArchitectureError, match="LLaVA-OneVision"):
+        write_text_gguf(load_checkpoint(path), path, tmp_path / "x.gguf")
