@@ -41,10 +41,14 @@ def folder_hash(folder: str | Path, patterns=("*.json", "*.safetensors")) -> str
     return h.hexdigest()
 
 
+# reports about an artifact, rewritten by every `vlsi validate`: not part of its hashed payload
+REPORTS = frozenset({"parity.json", "parity.md", "parity.png"})
+
+
 def file_entries(folder: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and p.name not in REPORTS
     }
 
 
