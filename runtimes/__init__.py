@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlsi.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "gguf")
 
 
 def load(path, backend: str = "auto", **kwargs):
@@ -28,6 +28,10 @@ def load(path, backend: str = "auto", **kwargs):
             backend = "torch"
         else:
             raise ConfigError(f"{path} is neither an export artifact (manifest.json) nor a checkpoint (config.json)")
+    if backend == "gguf":
+        from .llama_backend import LlamaCppRuntime
+
+        return LlamaCppRuntime(path, **kwargs)
     if backend == "onnx":
         from .onnx_backend import OnnxRuntime
 

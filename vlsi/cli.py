@@ -180,24 +180,32 @@ def quickstart_cmd(out, seed, seeds, quiet):
 
 @main.command("export")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
-@click.option("--target", default="onnx", show_default=True, help="Export target (onnx).")
+@click.option("--target", default="onnx", show_default=True, help="Export target: onnx or gguf (llama.cpp).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
-@click.option("--quant", default="fp32", show_default=True, help="Decoder precision: fp32, fp16, int8 or int4.")
-@click.option("--vision-quant", default="fp32", show_default=True, help="Vision encoder precision (kept higher by default).")
-@click.option("--verbalizers", is_flag=True, help="Keep the verbalizer heads as extra decoder outputs.")
+@click.option("--quant", default=None,
+              help="Text model precision. onnx: fp32 (default), fp16, int8, int4. gguf: f16 (default), f32, q8_0, "
+                   "q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantiser).")
+@click.option("--vision-quant", default="fp32", show_default=True, help="onnx: vision encoder precision.")
+@click.option("--mmproj-quant", default="f16", show_default=True, help="gguf: vision projector type (f32, f16, q8_0).")
+@click.option("--verbalizers", is_flag=True,
+              help="Keep the verbalizer heads (onnx: extra decoder outputs; gguf: a verbalizers.gguf sidecar).")
 @click.option("--block-size", default=32, show_default=True, help="int4: weights per quantisation block.")
 @click.option("--asymmetric", is_flag=True, help="int4: asymmetric blocks (zero points) instead of symmetric.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Samples for the parity check (default: built-in synthetic questions).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check (not recommended).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
-def export_cmd(model, target, out, quant, vision_quant, verbalizers, block_size, asymmetric, data, no_validate, overwrite):
+def export_cmd(model, target, out, quant, vision_quant, mmproj_quant, verbalizers, block_size, asymmetric, data,
+               no_validate, overwrite):
     """Export a checkpoint for an edge runtime; the result must pass parity to be written."""
     from vlsi_export import get_target
 
-    path = get_target(target)(model, out, quant=quant, vision_quant=vision_quant, verbalizers=verbalizers,
-                              block_size=block_size, symmetric=not asymmetric, overwrite=overwrite,
-                              validate=not no_validate, data=data)
+    common = dict(verbalizers=verbalizers, overwrite=overwrite, validate=not no_validate, data=data)
+    if target == "gguf":
+        path = get_target(target)(model, out, quant=quant, mmproj_quant=mmproj_quant, **common)
+    else:
+        path = get_target(target)(model, out, quant=quant or "fp32", vision_quant=vision_quant, block_size=block_size,
+                                  symmetric=not asymmetric, **common)
     click.echo(f"wrote {path}")
 
 

@@ -309,7 +309,9 @@ def _patchify(chw: np.ndarray, spec: Qwen2VLImageSpec) -> np.ndarray:
     return x.reshape(gh * gw, c * t * p * p)
 
 
-def _one_image(im: Image.Image, spec: Qwen2VLImageSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
+def resize_for_spec(im: Image.Image, spec: Qwen2VLImageSpec) -> Image.Image:
+    """RGB conversion and resize exactly as the processor does them, before any arithmetic
+    (runtimes that take 8-bit images, like llama.cpp's mtmd, get the pixels the model sees)."""
     if spec.do_convert_rgb:
         im = _to_rgb_like_transformers(im)
     elif im.mode not in ("RGB", "L"):
@@ -319,8 +321,14 @@ def _one_image(im: Image.Image, spec: Qwen2VLImageSpec) -> tuple[np.ndarray, tup
         )
     width, height = im.size
     new_h, new_w = _target_size(height, width, spec)
-    if spec.do_resize:
+    if spec.do_resize and (new_w, new_h) != (width, height):
         im = im.resize((new_w, new_h), resample=spec.resample)
+    return im
+
+
+def _one_image(im: Image.Image, spec: Qwen2VLImageSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
+    im = resize_for_spec(im, spec)
+    new_w, new_h = im.size
     x = np.asarray(im)
     x = x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0)  # (C, H, W) uint8
     channels = x.shape[0]

@@ -31,4 +31,4 @@ def get_target(name: str):
 
 
 def _load():
-    from . import onnx_target  # noqa: F401  (registers)
+    from . import gguf_target, onnx_target  # noqa: F401  (registers)

@@ -1,25 +1,40 @@
-"""``vlsi export --target gguf``: the text model as llama.cpp's ``qwen2vl`` architecture,
-written with our own code on top of the ``gguf`` library.
+"""``vlsi export --target gguf``: a checkpoint as llama.cpp files, written with our own code on
+top of the ``gguf`` library, quantised with llama.cpp's own quantiser.
 
-What is here: hyper-parameters (``rope.dimension_sections`` from the M-RoPE sections), the
-tokenizer as ``gpt2`` BPE with the ``qwen2`` pre-tokenizer (tokens, merges, token types,
-special ids, chat template), and every tensor through the declarative table in
-:mod:`vlsi_export.gguf_tables`, as f32 or f16 (1-D tensors stay f32, as llama.cpp expects).
-The vision projector file, llama.cpp quantisation and the llama.cpp backend build on this.
+The artifact folder holds ``model-<type>.gguf`` (the language model as llama.cpp's
+``qwen2vl`` architecture: hyper-parameters with ``rope.dimension_sections`` from the M-RoPE
+sections, the tokenizer as ``gpt2`` BPE with the ``qwen2`` pre-tokenizer, every tensor through
+the declarative table in :mod:`vlsi_export.gguf_tables`), ``mmproj-<type>.gguf`` (the vision
+tower and merger as a clip projector, ``qwen2vl_merger`` or ``qwen2.5vl_merger``), with
+``--verbalizers`` a ``verbalizers.gguf`` sidecar holding the heads, the tokenizer/processor
+files, and ``manifest.json`` recording the tensor types actually written (llama.cpp falls
+back to other types where a row width does not fit a block; the manifest says so).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from vlsi.errors import ConfigError, UnsupportedArchitectureError
 
-from .gguf_tables import QWEN2VL_TEXT, TensorTable
+from . import register_target
+from .gguf_tables import QWEN2VL_TEXT, QWEN2VL_VISION, TensorTable
 
 TEXT_TYPES = ("f32", "f16")
+# llama.cpp's own file types (enum llama_ftype), reached through llama_model_quantize
+QUANT_TYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+GGUF_TYPES = (*TEXT_TYPES, *QUANT_TYPES)
+MMPROJ_TYPES = ("f32", "f16", "q8_0")
+# the tensor types each requested file type is made of when every row fits its blocks
+# (the K-quant mixes keep some tensors at Q6_K / Q8_0 on purpose)
+EXPECTED = {"f32": {"F32"}, "f16": {"F16"}, "q8_0": {"Q8_0"}, "q4_0": {"Q4_0", "Q4_1", "Q6_K", "Q8_0"},
+            "q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q6_k": {"Q6_K"}}
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "vlsi.json")
 
 
 def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
@@ -48,6 +63,14 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
     return {"tokens": names, "types": kinds, "merges": merges}
 
 
+def check_architecture(ck) -> None:
+    if ck.adapter.name not in ("qwen2_vl", "qwen2_5_vl"):
+        raise UnsupportedArchitectureError(
+            f"the GGUF target writes Qwen2-VL and Qwen2.5-VL (llama.cpp's qwen2vl text model with the "
+            f"qwen2vl_merger / qwen2.5vl_merger projectors); {ck.adapter.name!r} is not supported "
+            "(llama.cpp cannot run LLaVA-OneVision's projector): export it with --target onnx instead")
+
+
 def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
     """Write ``ck``'s language model to ``dst`` (one GGUF file); returns the tensor types written."""
     import gguf
@@ -55,10 +78,7 @@ def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
     if ftype not in TEXT_TYPES:
         raise ConfigError(f"text type {ftype!r}: the writer produces {', '.join(TEXT_TYPES)}; other types "
                           "come from llama.cpp's quantiser")
-    if ck.adapter.name not in ("qwen2_vl", "qwen2_5_vl"):
-        raise UnsupportedArchitectureError(
-            f"the GGUF target writes Qwen2-VL and Qwen2.5-VL (llama.cpp's qwen2vl); {ck.adapter.name!r} is "
-            "not supported (llama.cpp cannot run LLaVA-OneVision's projector)")
+    check_architecture(ck)
     cfg = ck.model.config
     tc = cfg.get_text_config()
     sizes = ck.adapter.text_sizes(cfg)
@@ -120,3 +140,277 @@ def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+def _vision_checks(ck) -> dict:
+    """Refuse vision towers llama.cpp's clip would run differently from transformers."""
+    vc = ck.model.config.vision_config
+    problems = []
+    if getattr(vc, "temporal_patch_size", 2) != 2:
+        problems.append(f"temporal_patch_size {vc.temporal_patch_size} (clip runs exactly 2 frames)")
+    if getattr(vc, "spatial_merge_size", 2) != 2:
+        problems.append(f"spatial_merge_size {vc.spatial_merge_size} (clip merges 2x2 patches)")
+    two_five = ck.adapter.name == "qwen2_5_vl"
+    width = int(vc.hidden_size if two_five else vc.embed_dim)
+    inner = int(vc.intermediate_size if two_five else vc.embed_dim * vc.mlp_ratio)
+    heads = int(vc.num_heads)
+    if (width // heads) % 4:
+        problems.append(f"vision head width {width // heads} (clip's 2-D rope needs a multiple of 4)")
+    if inner == width:
+        problems.append(f"vision MLP width {inner} equal to the vision width (clip would take up for down)")
+    act = getattr(vc, "hidden_act", "quick_gelu" if not two_five else "silu")
+    if act not in (("silu",) if two_five else ("quick_gelu",)):
+        problems.append(f"vision activation {act!r} (clip runs quick_gelu for Qwen2-VL, silu for Qwen2.5-VL)")
+    pattern = 0
+    if two_five:
+        if int(getattr(vc, "window_size", 112)) != 112:
+            problems.append(f"window_size {vc.window_size} (clip's window attention is fixed at 112 pixels)")
+        full = list(getattr(vc, "fullatt_block_indexes", []))
+        pattern = full[0] + 1 if full else 0
+        if not full or full != list(range(pattern - 1, int(vc.depth), pattern)):
+            problems.append(f"fullatt_block_indexes {full} (clip needs every n-th block, n = first index + 1)")
+    if problems:
+        raise UnsupportedArchitectureError(
+            "llama.cpp cannot run this vision tower as trained: " + "; ".join(problems)
+            + ". Export it with --target onnx instead")
+    return {"width": width, "inner": inner, "heads": heads, "pattern": pattern}
+
+
+def write_mmproj_gguf(ck, folder: Path, dst: Path, ftype: str = "f16") -> dict:
+    """Write the vision tower and merger as llama.cpp's clip projector file.
+
+    Returns ``{"types": {name: type}, "fallbacks": [...]}``: with ``q8_0``, matrices whose rows
+    are not a multiple of 32 stay f16 (said in ``fallbacks``); the patch convolution always
+    stays f16/f32, as clip requires."""
+    import gguf
+    from gguf.quants import quantize
+
+    if ftype not in MMPROJ_TYPES:
+        raise ConfigError(f"--mmproj-quant {ftype!r} is not one of {', '.join(MMPROJ_TYPES)}")
+    check_architecture(ck)
+    v = _vision_checks(ck)
+    cfg = ck.model.config
+    vc = cfg.vision_config
+    two_five = ck.adapter.name == "qwen2_5_vl"
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+
+    w = gguf.GGUFWriter(str(dst), "clip")
+    w.add_type("mmproj")
+    w.add_name(f"{folder.name} vision projector")
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+    w.add_string("clip.projector_type", "qwen2.5vl_merger" if two_five else "qwen2vl_merger")
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.image_size", int(getattr(vc, "image_size", 560) or 560))
+    w.add_uint32("clip.vision.patch_size", int(vc.patch_size))
+    w.add_uint32("clip.vision.embedding_length", v["width"])
+    w.add_uint32("clip.vision.feed_forward_length", v["inner"])
+    w.add_uint32("clip.vision.projection_dim", int(ck.adapter.text_sizes(cfg).hidden_size))
+    w.add_uint32("clip.vision.block_count", int(vc.depth))
+    w.add_uint32("clip.vision.attention.head_count", v["heads"])
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)  # fixed in transformers' vision blocks
+    w.add_array("clip.vision.image_mean", [float(x) for x in pre["image_mean"]])
+    w.add_array("clip.vision.image_std", [float(x) for x in pre["image_std"]])
+    w.add_uint32("clip.vision.spatial_merge_size", int(vc.spatial_merge_size))
+    if two_five:
+        w.add_bool("clip.use_silu", True)
+        w.add_uint32("clip.vision.n_wa_pattern", v["pattern"])
+
+    table = TensorTable(QWEN2VL_VISION, "qwen2vl vision projector")
+    types, fallbacks = {}, []
+    for name, tensor in ck.model.state_dict().items():
+        try:
+            parts = table.convert(name, tensor.detach().float().cpu().numpy())
+        except KeyError as e:
+            raise UnsupportedArchitectureError(str(e.args[0])) from None
+        for target, arr in parts:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            kind = "F32"
+            if arr.ndim > 1 and not target.endswith("_norm.weight"):
+                if target.startswith("v.patch_embd"):
+                    kind = "F32" if ftype == "f32" else "F16"
+                elif ftype == "q8_0" and arr.shape[-1] % 32 == 0:
+                    kind = "Q8_0"
+                else:
+                    kind = "F32" if ftype == "f32" else "F16"
+                    if ftype == "q8_0":
+                        fallbacks.append(f"{target}: rows of {arr.shape[-1]} are not a multiple of 32, kept F16")
+            if kind == "F16":
+                w.add_tensor(target, arr.astype(np.float16))
+            elif kind == "Q8_0":
+                q = quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+                w.add_tensor(target, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(target, arr)
+            types[target] = kind
+    for need in ("mm.0.weight", "mm.2.weight", "v.patch_embd.weight"):
+        if need not in types:
+            raise UnsupportedArchitectureError(f"{folder}: the vision projector has no {need}; not a Qwen2-VL merger")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"types": types, "fallbacks": fallbacks}
+
+
+def write_verbalizers_gguf(ck, dst: Path) -> list[int]:
+    """The verbalizer heads as a sidecar (architecture ``vlsi-verbalizers``), f32. The backend
+    applies them in numpy to the hidden states llama.cpp's eval callback hands over, then the
+    model's own output matrix (read from the text file, so a quantised head stays quantised)."""
+    import gguf
+
+    verb = ck.verbalizers
+    if verb.cfg.arch == "decoder_block":
+        raise UnsupportedArchitectureError(
+            "--verbalizers with the GGUF target: decoder-block heads attend over the whole sequence, which the "
+            "llama.cpp backend does not run; verb_ffn, ffn and mlp heads are supported (or export to ONNX)")
+    w = gguf.GGUFWriter(str(dst), "vlsi-verbalizers")
+    w.add_string("vlsi.verbalizers.config", json.dumps(verb.cfg.to_dict()))
+    eps = {k: float(h.norm.eps) for k, h in verb.heads.items()}
+    w.add_string("vlsi.verbalizers.eps", json.dumps(eps))
+    for name, tensor in verb.state_dict().items():
+        w.add_tensor(name, tensor.detach().float().cpu().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return list(verb.target_layers)
+
+
+def quantize_text(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """llama.cpp's own quantiser (``llama_model_quantize``) from an f32 file."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConfigError("quantising a GGUF needs llama-cpp-python: pip install 'vlsi[gguf]'") from None
+    from vlsi_runtimes.llama_backend import quiet_logs
+
+    quiet_logs()
+    llama_cpp.llama_backend_init()
+    p = llama_cpp.llama_model_quantize_default_params()  # the struct's layout differs between versions
+    p.ftype = QUANT_TYPES[quant]
+    if threads:
+        p.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise ConfigError(f"llama.cpp could not quantise {src.name} to {quant} (llama_model_quantize returned {rc}); "
+                          "run with VLSI_LLAMA_LOG=1 to see llama.cpp's reason")
+
+
+def written_types(path: Path) -> dict:
+    """What a GGUF file actually holds: per-tensor types, their counts and bits per weight."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    types, n_elem, n_bytes = {}, 0, 0
+    for t in r.tensors:
+        types[t.name] = t.tensor_type.name
+        n_elem += int(t.n_elements)
+        n_bytes += int(t.n_bytes)
+    return {"tensors": types, "counts": dict(Counter(types.values())),
+            "bits_per_weight": round(8 * n_bytes / max(1, n_elem), 3)}
+
+
+def _fallbacks(quant: str, types: dict) -> list[str]:
+    """Matrices llama.cpp wrote in another type than the requested file type is made of."""
+    expect = EXPECTED[quant]
+    return [f"{name}: {kind}" for name, kind in types.items()
+            if kind not in expect and not (kind == "F32" and (name.endswith(".bias") or name.endswith("norm.weight")))]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("vlsi", "torch", "transformers", "gguf", "llama_cpp_python"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def image_token_limits(folder: Path) -> dict:
+    """Image token bounds from the processor config, for mtmd's image_min/max_tokens (so
+    llama.cpp resizes images to the sizes the model was trained on)."""
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    size = pre.get("size") or {}
+    lo = size.get("shortest_edge", pre.get("min_pixels", 56 * 56))
+    hi = size.get("longest_edge", pre.get("max_pixels", 28 * 28 * 1280))
+    unit = (int(pre.get("patch_size", 14)) * int(pre.get("merge_size", 2))) ** 2
+    return {"image_min_tokens": max(1, int(lo) // unit), "image_max_tokens": max(1, int(hi) // unit)}
+
+
+@register_target("gguf")
+def export_gguf(model, out, quant: str | None = None, mmproj_quant: str = "f16", verbalizers: bool = False,
+                overwrite: bool = False, validate: bool = True, data=None, parity_samples: int = 16,
+                threads: int = 0, **ignored) -> Path:
+    """Export a checkpoint to a llama.cpp artifact folder (see the module docstring).
+
+    As with ONNX, the folder appears only after it passed parity (unless ``validate=False``)."""
+    from vlsi.atomic import atomic_dir
+    from vlsi.checkpoint import load_checkpoint
+    from vlsi.manifest import folder_hash, write_manifest
+
+    from .onnx_target import gate
+
+    quant = quant or "f16"
+    if quant not in GGUF_TYPES:
+        raise ConfigError(f"--quant {quant!r} is not a GGUF type; choose one of {', '.join(GGUF_TYPES)}")
+    if mmproj_quant not in MMPROJ_TYPES:
+        raise ConfigError(f"--mmproj-quant {mmproj_quant!r} is not one of {', '.join(MMPROJ_TYPES)}")
+    folder = Path(model)
+    ck = load_checkpoint(folder)
+    check_architecture(ck)
+    if verbalizers and ck.verbalizers is None:
+        raise ConfigError(f"--verbalizers: {model} has no verbalizer heads (train them with the verbalize stage)")
+    out = Path(out)
+    sizes = ck.adapter.text_sizes(ck.model.config)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        text = tmp / f"model-{quant}.gguf"
+        if quant in TEXT_TYPES:
+            write_text_gguf(ck, folder, text, quant)
+        else:
+            raw = tmp / "model-f32.gguf.tmp"
+            write_text_gguf(ck, folder, raw, "f32")
+            quantize_text(raw, text, quant, threads)
+            raw.unlink()
+        mmproj = tmp / f"mmproj-{mmproj_quant}.gguf"
+        vis = write_mmproj_gguf(ck, folder, mmproj, mmproj_quant)
+        kept = write_verbalizers_gguf(ck, tmp / "verbalizers.gguf") if verbalizers else []
+        for name in COPIED:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+        written = written_types(text)
+        fallbacks = _fallbacks(quant, written["tensors"])
+        if fallbacks:
+            import warnings
+
+            warnings.warn(f"{quant}: llama.cpp wrote {len(fallbacks)} tensors in another type (rows that do not fit "
+                          f"its blocks), e.g. {fallbacks[0]}; the manifest lists them all", stacklevel=2)
+        cfg = ck.model.config
+        manifest = {
+            "target": "gguf",
+            "precision": quant,
+            "source": {"path": str(folder.resolve()), "sha256": folder_hash(folder)},
+            "text": {"file": text.name, "requested": quant, "types": written["counts"],
+                     "bits_per_weight": written["bits_per_weight"], "fallbacks": fallbacks,
+                     "tensor_types": written["tensors"]},
+            "mmproj": {"file": mmproj.name, "requested": mmproj_quant, "types": dict(Counter(vis["types"].values())),
+                       "fallbacks": vis["fallbacks"]},
+            "verbalizers": kept,
+            "verbalizer_file": "verbalizers.gguf" if kept else None,
+            "eos_token_ids": [ck.tokenizer.token_to_id("<|im_end|>"), ck.tokenizer.token_to_id("<|endoftext|>")],
+            "model": {
+                "arch": ck.adapter.name, "num_layers": sizes.num_layers, "hidden_size": sizes.hidden_size,
+                "vocab_size": sizes.vocab_size, "image_token_id": int(cfg.image_token_id),
+                "spatial_merge_size": int(cfg.vision_config.spatial_merge_size), **image_token_limits(folder),
+            },
+            "tools": _versions(),
+        }
+        write_manifest(tmp, manifest)
+        if validate:
+            gate(tmp, out, folder, manifest, data, parity_samples)
+    return out

@@ -1,0 +1,367 @@
+"""llama.cpp backend (through llama-cpp-python's low-level bindings). Imports neither torch
+nor transformers: an edge install is ``llama-cpp-python`` + ``gguf`` + ``tokenizers`` + numpy
++ Pillow.
+
+Images go through llama.cpp's multimodal library (``mtmd``): the prompt is rendered as text
+with one media marker per image, ``mtmd_tokenize`` splits it into text and image chunks, and
+``mtmd_helper_eval_chunk_single`` encodes each image and decodes each chunk with M-RoPE
+positions. Images are resized here first, with the same code as the other backends, to the
+size the model's processor would choose, so llama.cpp's own resize is a copy.
+
+Verbalizers: llama.cpp's eval callback (``cb_eval``) hands over the residual stream after
+the target layers (graph tensors ``l_out-{i}``); the heads from ``verbalizers.gguf`` and the
+model's own output matrix (from the text file, dequantised once) are applied in numpy, only
+when a verbalizer's logits are actually read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from vlsi.chat import DEFAULT_SYSTEM
+from vlsi.data.records import IMAGE_PLACEHOLDER
+from vlsi.manifest import ArtifactError, load_manifest
+from vlsi.preprocess import Qwen2VLImageSpec, load_image, resize_for_spec
+
+from .base import FINAL, Prompt, Runtime
+
+_LOG_SINK = None  # the C callback must outlive every call into llama.cpp
+
+
+def quiet_logs() -> None:
+    """Send llama.cpp's and mtmd's logging nowhere (``VLSI_LLAMA_LOG=1`` keeps it)."""
+    global _LOG_SINK
+    if os.environ.get("VLSI_LLAMA_LOG") or _LOG_SINK is not None:
+        return
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    llama_cpp.llama_log_set(_LOG_SINK, None)
+    mtmd_cpp.mtmd_log_set(_LOG_SINK, None)
+    mtmd_cpp.mtmd_helper_log_set(_LOG_SINK, None)
+
+
+def _ggml():
+    """The few ggml functions the eval callback needs, typed."""
+    from llama_cpp._ggml import libggml
+
+    libggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+    libggml.ggml_get_name.restype = ctypes.c_char_p
+    libggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    libggml.ggml_nbytes.restype = ctypes.c_size_t
+    libggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    libggml.ggml_backend_tensor_get.restype = None
+    return libggml
+
+
+def _rms_norm(x, w, eps):
+    return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+
+def _silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _gelu(x):
+    from math import erf, sqrt
+
+    return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+
+
+class NumpyVerbalizers:
+    """The heads of ``verbalizers.gguf`` (verb_ffn / ffn / mlp) applied to a hidden vector."""
+
+    def __init__(self, path: Path, output_matrix):
+        import gguf
+
+        r = gguf.GGUFReader(str(path))
+        self.cfg = json.loads(str(r.fields["vlsi.verbalizers.config"].contents()))
+        self.eps = {int(k): v for k, v in json.loads(str(r.fields["vlsi.verbalizers.eps"].contents())).items()}
+        self.w = {t.name: np.asarray(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+                  for t in r.tensors}
+        self.layers = tuple(int(k) for k in self.cfg["target_layers"])
+        self._output = output_matrix  # a callable returning the (V, D) matrix, loaded on first use
+
+    def hidden(self, layer: int, h: np.ndarray) -> np.ndarray:
+        p = f"heads.{layer}."
+        for b in range(int(self.cfg["depth"])):
+            q = f"{p}blocks.{b}."
+            if self.cfg["arch"] == "mlp":
+                x = h @ self.w[q + "fc1.weight"].T + self.w[q + "fc1.bias"]
+                h = h + _gelu(x) @ self.w[q + "fc2.weight"].T + self.w[q + "fc2.bias"]
+            else:
+                g = _silu(h @ self.w[q + "gate.weight"].T) * (h @ self.w[q + "up.weight"].T)
+                h = h + g @ self.w[q + "down.weight"].T
+        return _rms_norm(h, self.w[p + "norm.weight"], self.eps[layer])
+
+    def logits(self, layer: int, h: np.ndarray) -> np.ndarray:
+        return self._output() @ self.hidden(layer, h.astype(np.float32))
+
+
+class _Logits(dict):
+    """The final head's logits; a verbalizer layer's logits are computed when first read."""
+
+    def __init__(self, final, hidden: dict, verbalizers):
+        super().__init__({FINAL: final})
+        self._hidden, self._verb = hidden, verbalizers
+
+    def __missing__(self, layer):
+        if layer not in self._hidden:
+            raise KeyError(layer)
+        self[layer] = v = self._verb.logits(layer, self._hidden[layer])
+        return v
+
+
+class _Chunks:
+    """mtmd's tokenised prompt (text and image chunks); freed with the prompt."""
+
+    def __init__(self, mtmd, chunks, bitmaps):
+        self.mtmd, self.chunks, self.bitmaps = mtmd, chunks, bitmaps
+
+    def __del__(self):
+        try:
+            self.mtmd.mtmd_input_chunks_free(self.chunks)
+            for b in self.bitmaps:
+                self.mtmd.mtmd_bitmap_free(b)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class LlamaCppRuntime(Runtime):
+    name = "gguf"
+
+    def __init__(self, folder, threads: int = 0, n_ctx: int = 4096, kv_type: str = "f32", gpu_layers: int = -1,
+                 verbose: bool = False):
+        """``kv_type`` "f32" keeps the KV cache in f32 (parity-tight), "f16" halves its memory."""
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+        from tokenizers import Tokenizer
+
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        if self.manifest.get("target") != "gguf":
+            raise ArtifactError(f"{self.folder} is a {self.manifest.get('target')!r} artifact, not a GGUF one")
+        m = self.manifest["model"]
+        self.image_token_id, self.merge = m["image_token_id"], m["spatial_merge_size"]
+        self.eos_ids = tuple(self.manifest["eos_token_ids"])
+        self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.spec = Qwen2VLImageSpec.from_preprocessor_config(self.folder / "preprocessor_config.json")
+        text = self.folder / self.manifest["text"]["file"]
+        mmproj = self.folder / self.manifest["mmproj"]["file"]
+        for f, what in ((text, "text model"), (mmproj, "vision projector (mmproj)")):
+            if not f.is_file():
+                raise ArtifactError(f"{f}: the {what} is missing; re-export the artifact")
+        self._ll, self._mtmd = llama_cpp, mtmd_cpp
+        if not verbose:
+            quiet_logs()
+        llama_cpp.llama_backend_init()
+        threads = threads or max(1, os.cpu_count() or 1)
+        self.threads = threads
+
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = gpu_layers  # no effect in a CPU build; all layers on a GPU build (Jetson)
+        self.model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
+        if not self.model:
+            raise ArtifactError(f"llama.cpp could not load {text} (truncated or not a GGUF text model); "
+                                "re-export it, or run with VLSI_LLAMA_LOG=1 for llama.cpp's reason")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+
+        # verbalizers: capture the residual stream after the target layers
+        self.verbalizer_layers = tuple(self.manifest.get("verbalizers") or ())
+        self._hidden: dict[int, np.ndarray] = {}
+        self._callback = None
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(n_ctx, 512)
+        cp.n_threads = cp.n_threads_batch = threads
+        if kv_type not in ("f32", "f16"):
+            raise ArtifactError(f"kv_type {kv_type!r} must be f32 or f16")
+        cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32 if kv_type == "f32" else llama_cpp.GGML_TYPE_F16
+        if self.verbalizer_layers:
+            self._verb = NumpyVerbalizers(self.folder / self.manifest["verbalizer_file"], self._output_matrix)
+            self._want = {f"l_out-{k - 1}".encode(): k for k in self.verbalizer_layers}
+            self._g = _ggml()
+            self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
+            cp.cb_eval = self._callback
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise ArtifactError(f"llama.cpp could not create a context for {text} (n_ctx={n_ctx})")
+        self.n_ctx = n_ctx
+        self.n_batch = cp.n_batch
+
+        mcp = mtmd_cpp.mtmd_context_params_default()
+        mcp.use_gpu = gpu_layers != 0
+        mcp.print_timings = False
+        mcp.n_threads = threads
+        mcp.warmup = False
+        mcp.image_min_tokens = int(m.get("image_min_tokens", -1))
+        mcp.image_max_tokens = int(m.get("image_max_tokens", -1))
+        self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.model, mcp)
+        if not self.mctx:
+            raise ArtifactError(f"llama.cpp could not load the vision projector {mmproj} with {text}: truncated, or "
+                                "not the projector made for this text model (its output width must equal the text "
+                                "model's hidden size); re-export the pair")
+        if not mtmd_cpp.mtmd_support_vision(self.mctx):
+            raise ArtifactError(f"{mmproj} has no vision encoder")
+        self.marker = mtmd_cpp.mtmd_default_marker().decode()
+        self._batch = llama_cpp.llama_batch_init(1, 0, 1)
+        self._output = None
+
+    def close(self):
+        ll, mt = self._ll, self._mtmd
+        if getattr(self, "mctx", None):
+            mt.mtmd_free(self.mctx)
+            self.mctx = None
+        if getattr(self, "_batch", None) is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ verbalizers
+    def _on_tensor(self, t, ask, user):
+        name = self._g.ggml_get_name(t)
+        if ask:
+            return name in self._want
+        layer = self._want.get(name)
+        if layer is not None and ctypes.c_int32.from_address(t).value == 0:  # GGML_TYPE_F32
+            n = self._g.ggml_nbytes(t)
+            buf = np.empty(n // 4, dtype=np.float32)
+            self._g.ggml_backend_tensor_get(t, buf.ctypes.data, 0, n)
+            self._hidden[layer] = buf.reshape(-1, self.n_embd)[-1].copy()
+        return True
+
+    def _output_matrix(self) -> np.ndarray:
+        """The model's output matrix (V, D) in f32, from the text file (tied: the embedding)."""
+        if self._output is None:
+            import gguf
+            from gguf.quants import dequantize
+
+            r = gguf.GGUFReader(str(self.folder / self.manifest["text"]["file"]))
+            by = {t.name: t for t in r.tensors}
+            t = by.get("output.weight") or by["token_embd.weight"]
+            self._output = dequantize(t.data, t.tensor_type).reshape(self.n_vocab, self.n_embd).astype(np.float32)
+        return self._output
+
+    # ------------------------------------------------------------------ pieces
+    def chat_text(self, n_images: int, text: str, system: str = DEFAULT_SYSTEM) -> str:
+        """The ChatML prompt with one media marker per image (the layout of :func:`vlsi.chat.chat_ids`)."""
+        (turn,) = self.user_turns([None] * n_images, text)
+        body = turn.text.replace(IMAGE_PLACEHOLDER, self.marker)
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """llama.cpp's own tokenisation of ``text`` (special tokens parsed when ``special``)."""
+        raw = text.encode()
+        n = len(raw) + 8
+        out = (self._ll.llama_token * n)()
+        k = self._ll.llama_tokenize(self.vocab, raw, len(raw), out, n, False, special)
+        if k < 0:
+            out = (self._ll.llama_token * -k)()
+            k = self._ll.llama_tokenize(self.vocab, raw, len(raw), out, -k, False, special)
+        return list(out[:k])
+
+    def _encode(self, images, text):
+        mt = self._mtmd
+        pil = [resize_for_spec(load_image(im, self.spec), self.spec) for im in images]
+        bitmaps = []
+        for im in pil:
+            rgb = np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+            data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+            bitmaps.append(mt.mtmd_bitmap_init(im.width, im.height, data))
+        raw = self.chat_text(len(pil), text).encode()
+        txt = mt.mtmd_input_text(text=raw, text_len=len(raw), add_special=False, parse_special=True)
+        chunks = mt.mtmd_input_chunks_init()
+        held = _Chunks(mt, chunks, bitmaps)
+        arr = (mt.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        rc = mt.mtmd_tokenize(self.mctx, chunks, ctypes.byref(txt), arr, len(bitmaps))
+        if rc != 0:
+            raise ArtifactError(f"llama.cpp could not tokenise the prompt with {len(bitmaps)} images (mtmd_tokenize "
+                                f"returned {rc}: 1 = marker/image count mismatch, 2 = image preprocessing failed)")
+        ids = []
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            c = mt.mtmd_input_chunks_get(chunks, i)
+            if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                toks = mt.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+                ids += [int(toks[j]) for j in range(n.value)]
+            else:
+                ids += [self.image_token_id] * int(mt.mtmd_input_chunk_get_n_tokens(c))
+        if len(ids) + 1 >= self.n_ctx:
+            raise ArtifactError(f"the prompt is {len(ids)} tokens; this context holds {self.n_ctx}")
+        return Prompt(ids, held)
+
+    def image_embeds_for(self, image) -> np.ndarray:
+        """The projector's output for one image, ``(n_tokens, hidden)`` (parity checks)."""
+        mt = self._mtmd
+        p = self._encode([image], "")
+        chunks = p.images.chunks
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            c = mt.mtmd_input_chunks_get(chunks, i)
+            if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                if mt.mtmd_encode_chunk(self.mctx, c) != 0:
+                    raise ArtifactError("llama.cpp failed to encode the image")
+                n = int(mt.mtmd_input_chunk_get_n_tokens(c))
+                ptr = mt.mtmd_get_output_embd(self.mctx)
+                return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+        raise ArtifactError("no image chunk in the prompt")
+
+    def _logits(self) -> _Logits:
+        ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
+        final = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return _Logits(final, dict(self._hidden), getattr(self, "_verb", None))
+
+    def _prefill(self, prompt: Prompt):
+        ll, mt = self._ll, self._mtmd
+        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        self._hidden.clear()
+        chunks = prompt.images.chunks
+        n_past = 0
+        count = mt.mtmd_input_chunks_size(chunks)
+        for i in range(count):
+            new = ll.llama_pos(n_past)  # in/out: the helper adds the positions it used
+            rc = mt.mtmd_helper_eval_chunk_single(self.mctx, self.ctx, mt.mtmd_input_chunks_get(chunks, i), n_past, 0,
+                                                  self.n_batch, i == count - 1, ctypes.byref(new))
+            if rc != 0:
+                raise ArtifactError(f"llama.cpp failed to evaluate prompt chunk {i} (code {rc})")
+            n_past = new.value
+        return {"n_past": n_past, "prompt": prompt}, self._logits()
+
+    def _step(self, state, token):
+        if state["n_past"] + 1 >= self.n_ctx:
+            raise ArtifactError(f"the context of {self.n_ctx} tokens is full")
+        b = self._batch
+        b.n_tokens = 1
+        b.token[0] = token
+        b.pos[0] = state["n_past"]
+        b.n_seq_id[0] = 1
+        b.seq_id[0][0] = 0
+        b.logits[0] = True
+        self._hidden.clear()
+        rc = self._ll.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise ArtifactError(f"llama_decode failed (code {rc})")
+        state["n_past"] += 1
+        return self._logits()
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
