@@ -8,6 +8,9 @@ EXTRAS ?= train,onnx,app,dev
 OUT    ?= runs/quickstart
 BIN     = $(VENV)/bin
 
+# The tests also run llama.cpp: llama-cpp-python compiles it on first install (about 5 min).
+GGUF    = $(VENV)/.gguf-installed
+
 .PHONY: setup quickstart test clean
 
 $(BIN)/vlsi: pyproject.toml
@@ -23,7 +26,11 @@ setup: $(BIN)/vlsi
 quickstart: setup
 	$(BIN)/vlsi quickstart --out $(OUT)
 
-test: setup
+$(GGUF): $(BIN)/vlsi
+	$(BIN)/pip install -q -e ".[gguf]"
+	@touch $@
+
+test: setup $(GGUF)
 	$(BIN)/python -m pytest -q
 
 clean:

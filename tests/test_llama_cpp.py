@@ -1,0 +1,284 @@
+"""``vlsi export --target gguf`` run on the real llama.cpp (llama-cpp-python): the exported
+pair loads, matches PyTorch, quantises through llama.cpp's own quantiser, keeps the
+verbalizers, works with llama-cpp-python's own chat API, and bad files are named."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
+gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
+
+import vlsi_runtimes  # noqa: E402
+from vlsi.errors import ConfigError, UnsupportedArchitectureError  # noqa: E402
+from vlsi.manifest import ArtifactError, load_manifest, write_manifest  # noqa: E402
+from vlsi_export import get_target  # noqa: E402
+from vlsi_export.validate import ParityError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _img(seed=0, size=84):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def f32(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "f32"
+    get_target("gguf")(tiny_ckpt, out, quant="f32", mmproj_quant="f32", verbalizers=True, parity_samples=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ckpt, f32):
+    return vlsi_runtimes.load(tiny_ckpt), vlsi_runtimes.load(f32)
+
+
+def test_artifact_layout_and_parity_recorded(f32, tiny_ckpt):
+    m = load_manifest(f32)
+    assert m["target"] == "gguf" and m["precision"] == "f32" and m["verbalizers"] == [1, 3, 5]
+    assert {"model-f32.gguf", "mmproj-f32.gguf", "verbalizers.gguf", "tokenizer.json"} <= set(m["files"])
+    assert m["text"]["types"] == {"F32": len(m["text"]["tensor_types"])} and m["text"]["fallbacks"] == []
+    assert "llama_cpp_python" in m["tools"] and "gguf" in m["tools"]
+    p = m["parity"]["metrics"]
+    assert m["parity"]["passed"] and p["greedy_match"] == 1.0 and p["tokens_match"] == 1.0
+    assert p["vision_max_abs"] < 2e-3 and p["verbalizer_top1"] == 1.0
+    assert not any(x.name.startswith(".") for x in f32.parent.iterdir())  # no temporary folders left
+
+
+def test_mmproj_reads_back(f32, tiny_ckpt):
+    from vlsi.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tiny_ckpt)
+    vc = ck.model.config.vision_config
+    r = gguf.GGUFReader(str(f32 / "mmproj-f32.gguf"))
+    field = lambda k: r.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "clip" and field("clip.projector_type") == "qwen2vl_merger"
+    assert field("clip.vision.block_count") == vc.depth and field("clip.vision.embedding_length") == vc.embed_dim
+    assert field("clip.vision.projection_dim") == ck.model.config.get_text_config().hidden_size
+    assert np.allclose(field("clip.vision.image_mean"), ck.image_processor.image_mean)
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    state = ck.model.state_dict()
+    qkv = state["model.visual.blocks.1.attn.qkv.weight"].numpy()
+    e = vc.embed_dim
+    for i, part in enumerate("qkv"):  # the fused projection is cut in thirds, q first
+        np.testing.assert_array_equal(t[f"v.blk.1.attn_{part}.weight"].reshape(e, e), qkv[i * e:(i + 1) * e])
+    patch = state["model.visual.patch_embed.proj.weight"].numpy()
+    np.testing.assert_array_equal(t["v.patch_embd.weight"].reshape(patch[:, :, 0].shape), patch[:, :, 0])
+    np.testing.assert_array_equal(t["v.patch_embd.weight.1"].reshape(patch[:, :, 1].shape), patch[:, :, 1])
+    assert {"mm.0.weight", "mm.2.weight", "v.post_ln.weight", "v.blk.0.ffn_up.weight"} <= set(t)
+
+
+def test_matches_torch(pair):
+    ref, rt = pair
+    assert rt.name == "gguf" and rt.verbalizer_layers == (1, 3, 5)
+    for images, prompt in [([_img(0)], "what colour is the star?"), ([_img(1), _img(2)], "compare <image> and <image>"),
+                           ([], "no image here")]:
+        assert ref.encode(images, prompt).ids == rt.encode(images, prompt).ids
+        a = ref.logits(images, prompt, continuation=[10, 20, 30])
+        b = rt.logits(images, prompt, continuation=[10, 20, 30])
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b):
+            for k in ("final", 1, 3, 5):
+                assert np.abs(x[k] - y[k]).max() < 2e-2, (prompt, k)
+                assert np.argmax(x[k]) == np.argmax(y[k])
+        assert ref.generate(images, prompt, max_new_tokens=6) == rt.generate(images, prompt, max_new_tokens=6)
+    assert ref.verbalize([_img(3)], "what shape?", 4) == rt.verbalize([_img(3)], "what shape?", 4)
+
+
+def test_image_embeddings_match_torch(pair):
+    import torch
+
+    ref, rt = pair
+    for im in (_img(4), _img(5, size=140)):
+        from vlsi.preprocess import load_image
+
+        processed = ref.ck.adapter.process_images(ref.ck.image_processor, [load_image(im, rt.spec)])
+        with torch.inference_mode():
+            a = ref.model.get_image_features(**ref.ck.adapter.forward_image_kwargs(processed)).pooler_output[0].numpy()
+        b = rt.image_embeds_for(im)
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 2e-3
+
+
+def test_tokenisation_matches_the_hf_tokenizer(pair):
+    ref, rt = pair
+    tok = ref.ck.tokenizer
+    texts = ["what colour is the star?", "  two  spaces\tand a tab\nnew line", "<|im_start|>user\nhi<|im_end|>\n",
+             "café naïve — 東京 🙂 ünïcödé", "<|vision_start|><|image_pad|><|vision_end|>", "1234567 + 89 = ?"]
+    for text in texts:
+        assert rt.tokenize(text) == tok.encode(text, add_special_tokens=False).ids, text
+    for ids in ([5, 6, 7, 8], tok.encode(texts[3], add_special_tokens=False).ids):
+        assert rt._decode(ids) == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_quantised_types_and_fallbacks_are_recorded(tiny_ckpt, tmp_path):
+    """hidden 96 fits Q8_0's 32-wide blocks but not the K-quants' 256: the manifest says what
+    llama.cpp actually wrote instead of pretending every tensor is Q4_K."""
+    from vlsi_export.gguf_target import written_types
+
+    out = tmp_path / "q4km"
+    with pytest.warns(UserWarning, match="q4_k_m: llama.cpp wrote .* in another type"):
+        get_target("gguf")(tiny_ckpt, out, quant="q4_k_m", validate=False)
+    m = load_manifest(out)
+    on_disk = written_types(out / "model-q4_k_m.gguf")
+    assert m["text"]["tensor_types"] == on_disk["tensors"] and m["text"]["types"] == on_disk["counts"]
+    assert "Q5_0" in on_disk["counts"]  # Q4_K's fallback for rows of 96
+    assert "blk.0.attn_q.weight: Q5_0" in m["text"]["fallbacks"]
+    assert sorted(m["text"]["fallbacks"]) == sorted(f"{k}: {v}" for k, v in on_disk["tensors"].items()
+                                                     if v not in ("Q4_K", "Q6_K", "F32"))
+    assert 4 < m["text"]["bits_per_weight"] < 16
+    rt = vlsi_runtimes.load(out)
+    assert rt.generate([_img(0)], "what colour?", max_new_tokens=3)
+
+    out = tmp_path / "q8"  # Q8_0 fits: no fallbacks; the mmproj can be Q8_0 too where rows fit
+    get_target("gguf")(tiny_ckpt, out, quant="q8_0", mmproj_quant="q8_0", validate=False)
+    m = load_manifest(out)
+    assert m["text"]["types"].keys() == {"Q8_0", "F32"} and m["text"]["fallbacks"] == []
+    assert m["mmproj"]["types"].get("Q8_0", 0) > 0
+    assert vlsi_runtimes.load(out).generate([_img(0)], "what colour?", max_new_tokens=3)
+
+
+def test_failed_parity_refuses_the_export(tiny_ckpt, tmp_path):
+    """The untrained verbalizers' near-flat distributions flip under Q8_0: refused, no artifact."""
+    with pytest.raises(ParityError, match="verbalizer_top1 = .* needs >= 0.95"):
+        get_target("gguf")(tiny_ckpt, tmp_path / "q8", quant="q8_0", verbalizers=True, parity_samples=4)
+    assert not (tmp_path / "q8").exists()
+    assert json.loads((tmp_path / "q8.parity-failed" / "parity.json").read_text())["passed"] is False
+
+
+def test_refusals(tiny_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="not a GGUF type"):
+        get_target("gguf")(tiny_ckpt, tmp_path / "a", quant="int4")
+    with pytest.raises(ConfigError, match="--mmproj-quant 'q4_0'"):
+        get_target("gguf")(tiny_ckpt, tmp_path / "a", mmproj_quant="q4_0")
+    from vlsi.tiny import save_tiny
+
+    path = tmp_path / "llava"
+    save_tiny(path, arch="llava_onevision", size="student", seed=0)
+    with pytest.raises(UnsupportedArchitectureError, match="LLaVA-OneVision.*--target onnx"):
+        get_target("gguf")(path, tmp_path / "b")
+    path = tmp_path / "q25"  # llama.cpp's clip fixes Qwen2.5-VL's attention window at 112 pixels
+    save_tiny(path, arch="qwen2_5_vl", size="student", seed=0)
+    with pytest.raises(UnsupportedArchitectureError, match="window_size 56"):
+        get_target("gguf")(path, tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_qwen25_vl_runs_on_llama_cpp(tmp_path):
+    """A Qwen2.5-VL student with llama.cpp's 112-pixel window: SwiGLU + RMSNorm vision tower,
+    window attention, the qwen2.5vl_merger projector; parity-gated like any export."""
+    from vlsi.tiny import save_tiny
+
+    path = tmp_path / "q25"
+    save_tiny(path, arch="qwen2_5_vl", size="student", seed=0)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_config"]["window_size"] = 112
+    (path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "g"
+    get_target("gguf")(path, out, quant="f32", mmproj_quant="f32", parity_samples=3)
+    r = gguf.GGUFReader(str(out / "mmproj-f32.gguf"))
+    assert r.fields["clip.projector_type"].contents() == "qwen2.5vl_merger"
+    assert r.fields["clip.use_silu"].contents() is True
+    ref, rt = vlsi_runtimes.load(path), vlsi_runtimes.load(out)
+    im = _img(7, size=224)  # 16x16 patches: several windows
+    a = ref.logits([im], "what is it?")[0]["final"]
+    b = rt.logits([im], "what is it?")[0]["final"]
+    assert np.abs(a - b).max() < 2e-2
+
+
+def test_bad_files_are_named(f32, tiny_ckpt, tmp_path):
+    bad = tmp_path / "a"
+    shutil.copytree(f32, bad)
+    f = bad / "model-f32.gguf"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(ArtifactError, match="model-f32.gguf.*truncated"):
+        vlsi_runtimes.load(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(f32, bad)
+    (bad / "mmproj-f32.gguf").unlink()
+    with pytest.raises(ArtifactError, match="mmproj-f32.gguf.*missing"):
+        vlsi_runtimes.load(bad)
+    # a truncated file whose manifest was rewritten to match: llama.cpp itself refuses it, named
+    shutil.rmtree(bad)
+    shutil.copytree(f32, bad)
+    f = bad / "model-f32.gguf"
+    f.write_bytes(f.read_bytes()[:5000])
+    m = json.loads((bad / "manifest.json").read_text())
+    write_manifest(bad, {k: v for k, v in m.items() if k not in ("files", "format_version")})
+    with pytest.raises(ArtifactError, match="could not load .*model-f32.gguf"):
+        vlsi_runtimes.load(bad)
+    # a projector from another model (a different text width) next to this text model
+    from vlsi.tiny import save_tiny
+
+    other = tmp_path / "other"
+    save_tiny(other, arch="qwen2_vl", size="teacher", seed=0)
+    get_target("gguf")(other, tmp_path / "og", quant="f32", mmproj_quant="f32", validate=False)
+    shutil.rmtree(bad)
+    shutil.copytree(f32, bad)
+    shutil.copyfile(tmp_path / "og" / "mmproj-f32.gguf", bad / "mmproj-f32.gguf")
+    write_manifest(bad, {k: v for k, v in m.items() if k not in ("files", "format_version")})
+    with pytest.raises(ArtifactError, match="not the projector made for this text model"):
+        vlsi_runtimes.load(bad)
+
+
+def test_llama_cpp_chat_api_gives_the_same_answer(f32, tiny_ckpt):
+    """llama-cpp-python's own high-level API (``Llama`` + the multimodal chat handler, which
+    renders the chat template stored in our GGUF) answers like the PyTorch model."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    m = load_manifest(f32)
+    png = _png(_img(8))
+    handler = MTMDChatHandler(clip_model_path=str(f32 / m["mmproj"]["file"]), verbose=False)
+    llm = Llama(model_path=str(f32 / m["text"]["file"]), chat_handler=handler, n_ctx=1024, n_threads=2, verbose=False)
+    question = "what colour is the star?"
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    # vlsi's layout puts a newline between the image and the question (the LLaVA convention)
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "\n" + question}]}],
+        temperature=0.0, max_tokens=8)
+    want = vlsi_runtimes.load(tiny_ckpt).generate([png], question, max_new_tokens=8)
+    assert out["choices"][0]["message"]["content"] == want
+    assert llm.metadata["general.architecture"] == "qwen2vl"
+
+
+def test_backend_imports_neither_torch_nor_transformers(f32):
+    code = f"""
+import sys
+sys.modules['torch'] = None
+sys.modules['transformers'] = None
+import vlsi_runtimes
+rt = vlsi_runtimes.load({str(f32)!r})
+print(rt.generate([{_png(_img(5))!r}], 'what colour?', max_new_tokens=3))
+print(sorted(rt.verbalize([], 'hi', 2), key=str))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_streaming_and_stop(pair):
+    _, rt = pair
+    gen = rt.generate([_img(0)], "what colour?", max_new_tokens=5, stream=True)
+    pieces = list(gen)
+    assert "".join(pieces) == gen.text and gen.completion_tokens <= 5 and gen.finish_reason in ("stop", "length")
+    assert gen.prompt_tokens == len(rt.encode([_img(0)], "what colour?").ids)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        rt.generate([_img(0)], "x", max_new_tokens=0)
