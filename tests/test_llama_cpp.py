@@ -282,3 +282,45 @@ def test_streaming_and_stop(pair):
     assert gen.prompt_tokens == len(rt.encode([_img(0)], "what colour?").ids)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         rt.generate([_img(0)], "x", max_new_tokens=0)
+
+
+def test_bench_has_the_llama_cpp_backend(f32, tiny_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from vlsi.cli import main
+
+    res = CliRunner().invoke(main, ["bench", str(f32), "--reference", str(tiny_ckpt), "--runs", "1", "--threads", "2",
+                                    "--new-tokens", "4", "--prompt-tokens", "40", "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("gguf", "f32")]
+    g = rows[1]
+    assert g["decode_tok_s"] > 0 and g["vision_s"] > 0 and g["roofline_tok_s"] > 0
+    # the weights a decode step reads: the text file's tensors without the (untied) embedding rows
+    r = gguf.GGUFReader(str(f32 / "model-f32.gguf"))
+    assert g["weights_mb"] * 2**20 == pytest.approx(sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight"))
+
+
+def test_served_on_the_gguf_backend(f32, tmp_path):
+    """`vlsi serve ART --backend gguf` with the openai client: the same answers and per-layer
+    verbalizations as the llama.cpp runtime called directly."""
+    openai = pytest.importorskip("openai", reason="the dev extra is not installed")
+    pytest.importorskip("starlette", reason="the app extra is not installed")
+    from tests.test_serve import _user, start_server, stop_server
+
+    png, q = _png(_img(9)), "what colour is the shape?"
+    rt = vlsi_runtimes.load(f32)
+    want = rt.generate([png], q, max_new_tokens=12)
+    layers = rt.verbalize([png], q, 32)
+    url, proc = start_server(f32, tmp_path / "log", "--backend", "gguf", "--name", "g")
+    try:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model="g", messages=_user(png, q), max_tokens=12, temperature=0,
+                                      extra_body={"verbalize": True})
+        assert r.choices[0].message.content == want
+        assert r.model_extra["vlsi"]["backend"] == "gguf"
+        assert r.model_extra["verbalizations"] == {f"layer_{k}": layers[k] for k in rt.verbalizer_layers}
+        chunks = list(c.chat.completions.create(model="g", messages=_user(png, q), max_tokens=12, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    finally:
+        stop_server(proc)

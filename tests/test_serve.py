@@ -42,12 +42,10 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-@pytest.fixture(scope="module")
-def server(onnx_artifact, tmp_path_factory):
+def start_server(model, log: Path, *args: str) -> tuple[str, subprocess.Popen]:
+    """``vlsi serve MODEL *args`` on a free loopback port; returns its URL once /health answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "vlsi.cli", "serve", str(onnx_artifact), "--port", str(port), "--api-key", KEY,
-           "--max-queue", str(QUEUE), "--max-tokens", str(CAP), "--name", "tiny"]
+    cmd = [sys.executable, "-m", "vlsi.cli", "serve", str(model), "--port", str(port), *args]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**__import__("os").environ,
                                                                                "OMP_NUM_THREADS": "1"})
@@ -55,21 +53,31 @@ def server(onnx_artifact, tmp_path_factory):
     for _ in range(300):
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return url, proc
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
         time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(f"server did not come up: {log.read_text()}")
-    yield {"url": url, "proc": proc, "log": log}
+    proc.kill()
+    raise RuntimeError(f"server did not come up: {log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(onnx_artifact, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    url, proc = start_server(onnx_artifact, log, "--api-key", KEY, "--max-queue", str(QUEUE), "--max-tokens", str(CAP),
+                             "--name", "tiny")
+    yield {"url": url, "proc": proc, "log": log}
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

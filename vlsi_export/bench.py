@@ -41,6 +41,13 @@ def weight_bytes(path: Path) -> int:
     path = Path(path)
     if (path / "manifest.json").is_file():
         m = json.loads((path / "manifest.json").read_text())
+        if m["target"] == "gguf":
+            import gguf
+
+            tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path / m["text"]["file"])).tensors}
+            if "output.weight" in tensors:  # untied: the embedding is a row lookup
+                tensors.pop("token_embd.weight", None)
+            return sum(tensors.values())
         dec = m["graphs"]["decoder"]["file"]
         return sum(e["bytes"] for name, e in m["files"].items() if name.startswith(dec))
     from safetensors import safe_open
@@ -61,7 +68,7 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
     import vlsi_runtimes
     from PIL import Image
 
-    kw = {"threads": threads} if backend == "onnx" and threads else {}
+    kw = {"threads": threads} if backend != "torch" and threads else {}
     if backend == "torch" and threads:
         import torch
 
@@ -84,6 +91,10 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
             t = time.perf_counter()
             rt.image_embeds(pix, grid)
             vis.append(time.perf_counter() - t)
+        elif hasattr(rt, "image_embeds_for"):  # llama.cpp: tokenise + encode one image
+            t = time.perf_counter()
+            rt.image_embeds_for(image)
+            vis.append(time.perf_counter() - t)
     ttft, tps = ttft[1:], tps[1:]  # the first run warms caches
     return {"path": path, "backend": rt.name, "ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(tps),
             "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None,
@@ -105,7 +116,8 @@ def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int =
         row["weights_mb"] = weight_bytes(Path(path)) / 2**20
         row["roofline_tok_s"] = bw / max(1, weight_bytes(Path(path)))
         if Path(path, "manifest.json").is_file():
-            row["precision"] = json.loads(Path(path, "manifest.json").read_text())["graphs"]["decoder"]["precision"]
+            m = json.loads(Path(path, "manifest.json").read_text())
+            row["precision"] = m["graphs"]["decoder"]["precision"] if "graphs" in m else m["precision"]
         else:
             row["precision"] = "fp32"
         rows.append(row)
