@@ -296,6 +296,8 @@ def test_bench_has_the_llama_cpp_backend(f32, tiny_ckpt, tmp_path):
     assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("gguf", "f32")]
     g = rows[1]
     assert g["decode_tok_s"] > 0 and g["vision_s"] > 0 and g["roofline_tok_s"] > 0
+    assert g["engine_decode_tok_s"] > 0 and g["x_engine"] == pytest.approx(g["paired_decode_tok_s"] / g["engine_decode_tok_s"])
+    assert "vlsi / Llama" in res.output
     # the weights a decode step reads: the text file's tensors without the (untied) embedding rows
     r = gguf.GGUFReader(str(f32 / "model-f32.gguf"))
     assert g["weights_mb"] * 2**20 == pytest.approx(sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight"))
@@ -324,3 +326,35 @@ def test_served_on_the_gguf_backend(f32, tmp_path):
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize("arch", ["verb_ffn", "ffn", "mlp", "decoder_block"])
+def test_verbalizer_sidecar_heads_match_torch(arch, tmp_path):
+    """The numpy heads the llama.cpp backend applies equal the torch heads, for every variant
+    the sidecar takes; decoder-block heads (attention over the sequence) are refused."""
+    import types
+
+    import torch
+
+    from vlsi_runtimes.llama_backend import NumpyVerbalizers
+    from vlsi.verbalizer import VerbalizerConfig, Verbalizers
+    from vlsi_export.gguf_target import write_verbalizers_gguf
+
+    torch.manual_seed(0)
+    v = Verbalizers(VerbalizerConfig(target_layers=(1, 3), arch=arch, depth=2, ffn_mult=2), 32, 4, 1e-6)
+    with torch.no_grad():
+        for p in v.parameters():
+            p.normal_(0, 0.2)
+    ck = types.SimpleNamespace(verbalizers=v)
+    if arch == "decoder_block":
+        with pytest.raises(UnsupportedArchitectureError, match="decoder-block heads"):
+            write_verbalizers_gguf(ck, tmp_path / "v.gguf")
+        return
+    assert write_verbalizers_gguf(ck, tmp_path / "v.gguf") == [1, 3]
+    out = torch.randn(50, 32)
+    heads = NumpyVerbalizers(tmp_path / "v.gguf", lambda: out.numpy())
+    h = torch.randn(32)
+    for layer in (1, 3):
+        with torch.no_grad():
+            want = out @ v.heads[str(layer)](h[None, None])[0, 0]
+        np.testing.assert_allclose(heads.logits(layer, h.numpy()), want.numpy(), rtol=1e-4, atol=1e-4)

@@ -96,9 +96,47 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
             rt.image_embeds_for(image)
             vis.append(time.perf_counter() - t)
     ttft, tps = ttft[1:], tps[1:]  # the first run warms caches
-    return {"path": path, "backend": rt.name, "ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(tps),
-            "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None,
-            "peak_rss_mb": peak_rss_mb()}
+    row = {"path": path, "backend": rt.name, "ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(tps),
+           "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None, "peak_rss_mb": peak_rss_mb()}
+    if rt.name == "gguf":
+        row.update(_engine_reference(rt, prompt, new_tokens, runs, threads))
+    return row
+
+
+def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int) -> dict:
+    """llama.cpp through llama-cpp-python's own ``Llama`` on the same file, alternating with
+    vlsi's backend in this process (so both see the same machine state): any gap is ours."""
+    from llama_cpp import Llama
+
+    m = rt.manifest
+    n = threads or rt.threads
+    llm = Llama(model_path=str(rt.folder / m["text"]["file"]), n_ctx=rt.n_ctx, n_threads=n, n_threads_batch=n,
+                verbose=False)
+    ids = rt.encode([], prompt).ids
+
+    def engine():
+        llm.reset()
+        llm.eval(ids)
+        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            llm.eval([tok])
+            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        return (new_tokens - 1) / (time.perf_counter() - t)
+
+    def ours():
+        it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True)
+        next(it)
+        t = time.perf_counter()
+        k = sum(1 for _ in it)
+        return k / (time.perf_counter() - t)
+
+    a, b = [], []
+    for _ in range(runs + 1):
+        a.append(ours())
+        b.append(engine())
+    ours_tps, engine_tps = statistics.median(a[1:]), statistics.median(b[1:])
+    return {"engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps, "x_engine": ours_tps / engine_tps}
 
 
 def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int = 64, runs: int = 5,
@@ -138,6 +176,13 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"| {r['backend']} | {r['precision']} | {r['weights_mb']:.1f} | {r['ttft_s']:.4f} | "
                      f"{r['decode_tok_s']:.1f} | {r['x_decode_vs_torch']:.2f} | {r['roofline_tok_s']:.0f} | "
                      f"{100 * r['roofline_frac']:.0f}% | {vis} | {r['peak_rss_mb']:.0f} |")
+    paired = [r for r in rows if "x_engine" in r]
+    if paired:
+        lines += ["", "llama.cpp artifacts against llama-cpp-python's own `Llama` on the same file, text prompt, "
+                      "alternating in one process:", "",
+                  "| precision | vlsi backend tok/s | Llama tok/s | vlsi / Llama |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['precision']} | {r['paired_decode_tok_s']:.1f} | {r['engine_decode_tok_s']:.1f} | "
+                  f"{100 * r['x_engine']:.0f}% |" for r in paired]
     lines.append(f"\ncopy bandwidth {rows[0]['copy_bandwidth_gb_s']:.1f} GB/s")
     return "\n".join(lines)
 
