@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlsi.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "onnx", "gguf")
+BACKENDS = ("auto", "torch", "onnx", "gguf", "tensorrt")
 
 
 def load(path, backend: str = "auto", **kwargs):
@@ -32,6 +32,17 @@ def load(path, backend: str = "auto", **kwargs):
         from .llama_backend import LlamaCppRuntime
 
         return LlamaCppRuntime(path, **kwargs)
+    if backend == "tensorrt":  # an ONNX artifact on ONNX Runtime's TensorRT execution provider
+        import onnxruntime as ort
+
+        from .onnx_backend import OnnxRuntime
+
+        if "TensorrtExecutionProvider" not in ort.get_available_providers():
+            raise ConfigError("backend 'tensorrt': this onnxruntime has no TensorRT execution provider (available: "
+                              f"{', '.join(ort.get_available_providers())}); install an onnxruntime-gpu build with "
+                              "TensorRT (on a Jetson, NVIDIA's JetPack wheel), or use --backend onnx")
+        return OnnxRuntime(path, providers=["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                            "CPUExecutionProvider"], **kwargs)
     if backend == "onnx":
         from .onnx_backend import OnnxRuntime
 

@@ -288,8 +288,9 @@ def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb):
 
 @main.command("serve")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx", "gguf"]),
-              help="Runtime backend (auto: from the artifact's manifest, torch for a checkpoint).")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx", "gguf", "tensorrt"]),
+              help="Runtime backend (auto: from the artifact's manifest, torch for a checkpoint; tensorrt: an ONNX "
+                   "artifact on ONNX Runtime's TensorRT execution provider).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes it to the network.")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--api-key", default=None, envvar="VLSI_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (env VLSI_API_KEY).")
