@@ -45,6 +45,19 @@ def folder_hash(folder: str | Path, patterns=("*.json", "*.safetensors")) -> str
 REPORTS = frozenset({"parity.json", "parity.md", "parity.png"})
 
 
+def tool_versions(packages) -> dict[str, str]:
+    """Installed versions of ``packages`` (those not installed are left out), for manifests."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def file_entries(folder: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -24,6 +24,7 @@ from vlsi.errors import ConfigError, UnsupportedArchitectureError
 
 from . import register_target
 from .gguf_tables import QWEN2VL_TEXT, QWEN2VL_VISION, TensorTable
+from .onnx_target import COPIED, gate
 
 TEXT_TYPES = ("f32", "f16")
 # llama.cpp's own file types (enum llama_ftype), reached through llama_model_quantize
@@ -34,7 +35,6 @@ MMPROJ_TYPES = ("f32", "f16", "q8_0")
 # (the K-quant mixes keep some tensors at Q6_K / Q8_0 on purpose)
 EXPECTED = {"f32": {"F32"}, "f16": {"F16"}, "q8_0": {"Q8_0"}, "q4_0": {"Q4_0", "Q4_1", "Q6_K", "Q8_0"},
             "q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}, "q6_k": {"Q6_K"}}
-COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "vlsi.json")
 
 
 def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
@@ -320,18 +320,6 @@ def _fallbacks(quant: str, types: dict) -> list[str]:
             if kind not in expect and not (kind == "F32" and (name.endswith(".bias") or name.endswith("norm.weight")))]
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("vlsi", "torch", "transformers", "gguf", "llama_cpp_python"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def image_token_limits(folder: Path) -> dict:
     """Image token bounds from the processor config, for mtmd's image_min/max_tokens (so
     llama.cpp resizes images to the sizes the model was trained on)."""
@@ -352,9 +340,7 @@ def export_gguf(model, out, quant: str | None = None, mmproj_quant: str = "f16",
     As with ONNX, the folder appears only after it passed parity (unless ``validate=False``)."""
     from vlsi.atomic import atomic_dir
     from vlsi.checkpoint import load_checkpoint
-    from vlsi.manifest import folder_hash, write_manifest
-
-    from .onnx_target import gate
+    from vlsi.manifest import folder_hash, tool_versions, write_manifest
 
     quant = quant or "f16"
     if quant not in GGUF_TYPES:
@@ -408,7 +394,7 @@ def export_gguf(model, out, quant: str | None = None, mmproj_quant: str = "f16",
                 "vocab_size": sizes.vocab_size, "image_token_id": int(cfg.image_token_id),
                 "spatial_merge_size": int(cfg.vision_config.spatial_merge_size), **image_token_limits(folder),
             },
-            "tools": _versions(),
+            "tools": tool_versions(("vlsi", "torch", "transformers", "gguf", "llama_cpp_python")),
         }
         write_manifest(tmp, manifest)
         if validate:

@@ -84,18 +84,6 @@ def _signature(path: Path) -> dict:
     return {"inputs": [desc(v) for v in m.graph.input], "outputs": [desc(v) for v in m.graph.output]}
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("vlsi", "torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 @register_target("onnx")
 def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", verbalizers: bool = False,
                 block_size: int = 32, symmetric: bool = True, overwrite: bool = False, validate: bool = True,
@@ -106,7 +94,7 @@ def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", ver
     moved into place; on failure no artifact is made, the parity report is left in
     ``<out>.parity-failed/`` and :class:`~vlsi_export.validate.ParityError` is raised."""
     from vlsi.checkpoint import load_checkpoint
-    from vlsi.manifest import folder_hash, write_manifest
+    from vlsi.manifest import folder_hash, tool_versions, write_manifest
 
     for flag, value in (("--quant", quant), ("--vision-quant", vision_quant)):
         if value not in PRECISIONS:
@@ -145,7 +133,7 @@ def export_onnx(model, out, quant: str = "fp32", vision_quant: str = "fp32", ver
                              "symmetric": symmetric},
             "eos_token_ids": [ck.tokenizer.token_to_id("<|im_end|>"), ck.tokenizer.token_to_id("<|endoftext|>")],
             "opset": OPSET,
-            "tools": _versions(),
+            "tools": tool_versions(("vlsi", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")),
             **info,
         }
         write_manifest(tmp, manifest)
