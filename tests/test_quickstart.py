@@ -95,3 +95,69 @@ def test_demo_model_runs_the_quickstart_then_exports(tmp_path, monkeypatch):
     assert m["target"] == "onnx" and m["verbalizers"] == [2]
     stamp = (art / "manifest.json").stat().st_mtime
     assert demo_model(tmp_path / "qs", recipe=MINI) == art and (art / "manifest.json").stat().st_mtime == stamp
+
+
+class _Job:
+    progress = True
+
+    def square(self, x):
+        if x < 0:
+            raise ValueError(f"negative {x}")
+        import torch
+
+        return x * x, torch.get_num_threads()
+
+
+def test_run_parallel_keeps_order_and_raises():
+    from vlsi_train.quickstart import run_parallel
+
+    res = run_parallel([(_Job(), "square", (k,)) for k in range(5)], jobs=2, progress=False)
+    assert [r for (r, _), _ in res] == [k * k for k in range(5)]
+    assert {threads for (_, threads), _ in res} == {1}  # one torch thread per worker
+    with pytest.raises(ValueError, match="negative -3"):
+        run_parallel([(_Job(), "square", (2,)), (_Job(), "square", (-3,))], jobs=2, progress=False)
+
+
+@pytest.mark.slow
+def test_parallel_methods_train_what_one_process_trains(tmp_path, monkeypatch):
+    """The four methods on 2 worker processes give the same weights as one after the other
+    in this process (both with one torch thread)."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("VLSI_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the prepared pieces are trained in this process: same thread count for both runs
+        one = quickstart(tmp_path / "one", seed=0, recipe=MINI, progress=False, jobs=1)
+        two = quickstart(tmp_path / "two", seed=0, recipe=MINI, progress=False, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    for m in ("sft_equal_compute", "seq_kd", "final_layer_kd", "vlsi"):
+        a = load_file(tmp_path / "one" / m / "model.safetensors")
+        b = load_file(tmp_path / "two" / m / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m
+        assert one[f"{m}_acc"] == two[f"{m}_acc"]
+
+
+@pytest.mark.slow
+def test_long_runs_go_to_torchrun(tmp_path, monkeypatch):
+    """With jobs > 1, runs of at least DDP_MIN_STEPS train under torchrun (2 DDP processes)."""
+    import vlsi_train.quickstart as qs
+
+    monkeypatch.setenv("VLSI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(qs, "DDP_MIN_STEPS", 10)
+    run = qs.Run(tmp_path / "qs", MINI, seed=0, progress=False, procs=2)
+    teacher = run.teacher(run.data())
+    assert json.loads((teacher / "vlsi.json").read_text())["provenance"]["processes"] == 2
+    # shorter runs stay in this process
+    student = run._train(tmp_path / "qs" / "student", stage="pretrain", model=MINI.student,
+                         data=str(run.data() / "train.json"), steps=4)
+    assert json.loads((student / "vlsi.json").read_text())["provenance"]["processes"] == 1
+    # a run that fails under torchrun says so, and how to train in this process instead
+    from vlsi.errors import VLsIError
+
+    with pytest.raises(VLsIError, match="under torchrun failed.*--jobs 1"):
+        run._train(tmp_path / "qs" / "bad", stage="pretrain", model="tiny:qs_student",
+                   data=str(tmp_path / "missing.json"), steps=12)
+    assert not (tmp_path / "qs" / "bad" / "vlsi.json").exists()

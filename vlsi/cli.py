@@ -136,11 +136,13 @@ def train_run(config_path, resume, overrides):
               help="Run folder; the quickstart's teacher/student/pool are made here once or reused.")
 @click.option("--seeds", default=3, show_default=True, help="Seeds per variant (mean and spread reported).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_ablate(grid, out, seeds, quiet):
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Training processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
+def train_ablate(grid, out, seeds, quiet, jobs):
     """Run the Table 4 ablation variants and write a Markdown table (OUT/ablation.md)."""
     from vlsi_train.ablate import ablate
 
-    click.echo(ablate(grid, out, seeds=seeds, progress=not quiet)["table"])
+    click.echo(ablate(grid, out, seeds=seeds, progress=not quiet, jobs=jobs)["table"])
 
 
 @train_group.command("bench")
@@ -168,12 +170,14 @@ def train_bench(teacher, student, data, steps, batch_size, device, out):
 @click.option("--seed", default=0, show_default=True, help="First seed.")
 @click.option("--seeds", default=1, show_default=True, help="Number of seeds (mean and spread reported).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quickstart_cmd(out, seed, seeds, quiet):
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Training processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
+def quickstart_cmd(out, seed, seeds, quiet, jobs):
     """The main job on the built-in synthetic default: data, teacher, student, VLsI and the
     baselines with equal compute, evaluation; writes OUT/report.json and prints a table."""
     from vlsi_train.quickstart import quickstart, table
 
-    report = quickstart(out, seed=seed, seeds=seeds, progress=not quiet)
+    report = quickstart(out, seed=seed, seeds=seeds, progress=not quiet, jobs=jobs)
     click.echo(table(report))
     click.echo(f"({report['seconds']:.0f} s; report: {out}/report.json)")
 

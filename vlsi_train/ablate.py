@@ -43,23 +43,26 @@ def read_grid(path) -> list[dict]:
     return variants
 
 
-def ablate(grid, out, seeds: int = 3, recipe=None, progress: bool = True) -> dict:
-    """Run every variant of ``grid`` for ``seeds`` seeds; returns and writes the table."""
+def ablate(grid, out, seeds: int = 3, recipe=None, progress: bool = True, jobs: int | None = None) -> dict:
+    """Run every variant of ``grid`` for ``seeds`` seeds (on ``jobs`` processes); returns and
+    writes the table."""
     from vlsi.eval import evaluate
 
-    from .quickstart import Recipe, Run
+    from .quickstart import Recipe, Run, default_jobs, run_parallel
 
     variants = read_grid(grid)
-    run = Run(Path(out), recipe or Recipe(), seed=0, progress=progress)
+    jobs = default_jobs() if jobs is None else jobs
+    run = Run(Path(out), recipe or Recipe(), seed=0, progress=progress, procs=jobs)
     prepared = run.prepare()
+    todo = [(v, s) for v in variants for s in range(seeds)]
+    calls = [(run, "distil", (prepared, f"ablate/{_slug(v['name'])}/seed{s}", dict(v.get("interact") or {}), s))
+             for v, s in todo]
+    ckpts = run_parallel(calls, jobs, progress, desc="ablation runs")
     results = {}
-    for v in variants:
-        for s in range(seeds):
-            name = f"ablate/{_slug(v['name'])}/seed{s}"
-            ckpt = run.distil(prepared, name, dict(v.get("interact") or {}), seed=s)
-            for split in ("test", "compositional"):
-                rep = evaluate(ckpt, prepared["data"] / f"{split}.json", progress=False)
-                results.setdefault(v["name"], {}).setdefault(split, []).append(rep["accuracy"])
+    for (v, _), (ckpt, _) in zip(todo, ckpts):
+        for split in ("test", "compositional"):
+            rep = evaluate(ckpt, prepared["data"] / f"{split}.json", progress=False)
+            results.setdefault(v["name"], {}).setdefault(split, []).append(rep["accuracy"])
     lines = ["| variant | test | compositional |", "| --- | --- | --- |"]
     summary = {}
     for v in variants:

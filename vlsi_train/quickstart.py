@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from vlsi.atomic import atomic_write_text
 
-CODE_VERSION = "qs-1"
+CODE_VERSION = "qs-2"
+"""Part of the teacher cache key; qs-2: long runs train under torchrun (DDP) when --jobs > 1."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Recipe:
     teacher_lr: float = 1e-3
     student_labels: int = 300
     """Records with labels the student baseline learns from (the data-limited student)."""
-    student_steps: int = 1500
+    student_steps: int = 1000
+    """The student fits its 300 labels by about 900 steps (train loss < 0.005)."""
     pool: int = 3000
     """Images the teacher answers; every distillation method sees exactly these."""
     extra_steps: int = 800
@@ -86,6 +89,47 @@ def _check_same(out: Path, cfg) -> None:
                           f"use a new --out folder, or delete {out} to retrain it")
 
 
+DDP_MIN_STEPS = 500
+"""Runs this long go to torchrun when several processes are allowed: starting the processes
+costs seconds, which short runs (verbalize, 300 steps) would not win back."""
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _torchrun(cfg, procs: int) -> Path:
+    """Train ``cfg`` with DDP over ``procs`` one-thread CPU processes, through PyTorch's own
+    launcher (``python -m torch.distributed.run``): on a small model this beats one process
+    with ``procs`` threads. Same global batch; the losses follow a single process's (tested in
+    test_train_resume_dist). Progress and errors print to this process's stderr."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    from vlsi.errors import VLsIError
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, cfg_file = tempfile.mkstemp(prefix=f".{out.name}-", suffix=".yaml", dir=out.parent)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(json.loads(json.dumps({**asdict(cfg), "threads": 1})), f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+           "-m", "vlsi.cli", "train", "run", "--config", cfg_file]
+    try:
+        res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    finally:
+        os.unlink(cfg_file)
+    if res.returncode != 0 or not (out / "vlsi.json").is_file():
+        raise VLsIError(f"training {out} with {procs} processes under torchrun failed (exit {res.returncode}); "
+                        f"its error is printed above. Run with --jobs 1 to train in this process.")
+    return out
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("VLSI_CACHE", Path.home() / ".cache" / "vlsi"))
 
@@ -93,8 +137,10 @@ def _cache_root() -> Path:
 class Run:
     """One seed of the quickstart in ``out``; each step skips work already on disk."""
 
-    def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool = True):
+    def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool = True, procs: int = 1):
         self.out, self.r, self.seed, self.progress = Path(out), recipe, seed, progress
+        self.procs = procs
+        """Processes for one long run (DDP under torchrun, CPU only); 1: this process."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.times: dict[str, float] = {}
 
@@ -121,6 +167,8 @@ class Run:
         if (out / "vlsi.json").is_file():
             _check_same(out, cfg)
             return out
+        if self.procs > 1 and cfg.steps >= DDP_MIN_STEPS and not _has_cuda():
+            return _torchrun(cfg, self.procs)
         return train(cfg)
 
     # -------------------------------------------------------------- pieces
@@ -179,20 +227,28 @@ class Run:
                           optim={"lr": r.interact_lr, "min_lr": r.interact_lr / 100}, **extra)
         return self._train(o / name, stage="sft", model=str(mid), data=str(p["pool"]), steps=tail, **extra)
 
-    def all(self) -> dict:
+    def method(self, p: dict, name: str) -> Path:
+        """Train one compared method from the prepared pieces ``p``."""
         r, o = self.r, self.out
+        if name == "sft_equal_compute":
+            return self._train(o / name, stage="sft", model=str(p["student"]), data=str(p["data"] / "train.json"),
+                               limit=r.student_labels, steps=r.extra_steps)
+        if name == "seq_kd":
+            return self._train(o / name, stage="sft", model=str(p["student"]), data=str(p["pool"]), steps=r.extra_steps)
+        if name == "final_layer_kd":
+            return self.distil(p, name, {"intermediate_op": "none", "last_op": "kld"})
+        if name == "vlsi":
+            return self.distil(p, name, {})
+        raise ValueError(f"unknown method {name!r}")
+
+    def all(self, jobs: int = 1) -> dict:
         p = self.prepare()
-        train_json = str(p["data"] / "train.json")
-        methods = {}
-        methods["sft_equal_compute"] = self._timed("sft_equal_compute", lambda: self._train(
-            o / "sft_equal_compute", stage="sft", model=str(p["student"]), data=train_json, limit=r.student_labels,
-            steps=r.extra_steps))
-        methods["seq_kd"] = self._timed("seq_kd", lambda: self._train(
-            o / "seq_kd", stage="sft", model=str(p["student"]), data=str(p["pool"]), steps=r.extra_steps))
-        methods["final_layer_kd"] = self._timed("final_layer_kd", lambda: self.distil(
-            p, "final_layer_kd", {"intermediate_op": "none", "last_op": "kld"}))
-        methods["vlsi"] = self._timed("vlsi", lambda: self.distil(p, "vlsi", {}))
-        return {**p, **methods}
+        names = ("sft_equal_compute", "seq_kd", "final_layer_kd", "vlsi")
+        methods = run_parallel([(self, "method", (p, n)) for n in names], jobs, self.progress,
+                               desc=f"seed {self.seed}: the 4 methods")
+        for n, (path, secs) in zip(names, methods):
+            self.times[n] = secs
+        return {**p, **{n: path for n, (path, _) in zip(names, methods)}}
 
     def evaluate(self, paths: dict) -> dict:
         from vlsi.eval import evaluate
@@ -210,16 +266,72 @@ class Run:
         return res
 
 
-def quickstart(out, seed: int = 0, seeds: int = 1, recipe: Recipe | None = None, progress: bool = True) -> dict:
-    """Run the quickstart for ``seeds`` seeds (from ``seed``); writes ``out/report.json``."""
+def default_jobs() -> int:
+    """Parallel training processes: 2 where there are at least 2 CPU cores. These models are
+    too small for a second thread to help much (1.46x for the teacher here), so two
+    one-thread processes finish independent runs sooner than one two-thread process."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _call(obj, method: str, args: tuple):
+    t = time.time()
+    res = getattr(obj, method)(*args)
+    return res, round(time.time() - t, 1)
+
+
+def run_parallel(calls: list[tuple], jobs: int, progress: bool = True, desc: str = "runs") -> list:
+    """``[(obj, method, args), ...]`` -> ``[(result, seconds), ...]`` in order, on ``jobs``
+    worker processes (one torch thread each) or in this process when ``jobs`` is 1. Progress
+    is a bar over finished runs; each worker's own bars are off so lines do not interleave."""
+    if jobs <= 1 or len(calls) <= 1:
+        return [_call(o, m, a) for o, m, a in calls]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    quiet = []  # workers: no bars of their own, and no processes of their own
+    for o, m, a in calls:
+        o = copy.copy(o)
+        if hasattr(o, "progress"):
+            o.progress = False
+        if hasattr(o, "procs"):
+            o.procs = 1
+        quiet.append((o, m, a))
+    out: list = [None] * len(calls)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
+        futs = {ex.submit(_call, *c): k for k, c in enumerate(quiet)}
+        with tqdm(total=len(futs), desc=f"{desc} ({jobs} processes)", disable=not progress) as bar:
+            try:
+                for f in as_completed(futs):
+                    out[futs[f]] = f.result()
+                    bar.update(1)
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+    return out
+
+
+def quickstart(out, seed: int = 0, seeds: int = 1, recipe: Recipe | None = None, progress: bool = True,
+               jobs: int | None = None) -> dict:
+    """Run the quickstart for ``seeds`` seeds (from ``seed``); writes ``out/report.json``.
+    ``jobs``: processes for the four compared methods (default: :func:`default_jobs`)."""
+    jobs = default_jobs() if jobs is None else jobs
     recipe = recipe or Recipe()
     t0 = time.time()
     out = Path(out)
     runs = []
     for s in range(seed, seed + seeds):
         t = time.time()
-        run = Run(out / f"seed{s}" if seeds > 1 else out, recipe, s, progress)
-        res = run.evaluate(run.all())
+        run = Run(out / f"seed{s}" if seeds > 1 else out, recipe, s, progress, procs=jobs)
+        res = run.evaluate(run.all(jobs))
         res.update({"seed": s, "seconds": round(time.time() - t, 1), "stage_seconds": run.times})
         runs.append(res)
     report = dict(runs[0]) if seeds == 1 else _aggregate(runs)
