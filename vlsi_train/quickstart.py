@@ -277,8 +277,10 @@ def default_jobs() -> int:
 
 def _worker_init() -> None:
     import torch
+    from transformers.utils import logging
 
     torch.set_num_threads(1)
+    logging.disable_progress_bar()  # "Loading weights" bars from two processes would interleave
 
 
 def _call(obj, method: str, args: tuple):
