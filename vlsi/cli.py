@@ -129,6 +129,11 @@ def train_run(config_path, resume, overrides):
         click.echo(f"wrote {path}")
 
 
+_jobs_option = click.option(
+    "--jobs", type=click.IntRange(min=1), default=None,
+    help="Training processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
+
+
 @train_group.command("ablate")
 @click.option("--grid", required=True, type=click.Path(exists=True, dir_okay=False),
               help="YAML with `variants: [{name, interact: {...}}]` (see configs/ablation_table4.yaml).")
@@ -136,8 +141,7 @@ def train_run(config_path, resume, overrides):
               help="Run folder; the quickstart's teacher/student/pool are made here once or reused.")
 @click.option("--seeds", default=3, show_default=True, help="Seeds per variant (mean and spread reported).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Training processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
+@_jobs_option
 def train_ablate(grid, out, seeds, quiet, jobs):
     """Run the Table 4 ablation variants and write a Markdown table (OUT/ablation.md)."""
     from vlsi_train.ablate import ablate
@@ -170,8 +174,7 @@ def train_bench(teacher, student, data, steps, batch_size, device, out):
 @click.option("--seed", default=0, show_default=True, help="First seed.")
 @click.option("--seeds", default=1, show_default=True, help="Number of seeds (mean and spread reported).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Training processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
+@_jobs_option
 def quickstart_cmd(out, seed, seeds, quiet, jobs):
     """The main job on the built-in synthetic default: data, teacher, student, VLsI and the
     baselines with equal compute, evaluation; writes OUT/report.json and prints a table."""

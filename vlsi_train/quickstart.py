@@ -141,8 +141,7 @@ class Run:
 
     def __init__(self, out: Path, recipe: Recipe, seed: int, progress: bool = True, procs: int = 1):
         self.out, self.r, self.seed, self.progress = Path(out), recipe, seed, progress
-        self.procs = procs
-        """Processes for one long run (DDP under torchrun, CPU only); 1: this process."""
+        self.procs = procs  # processes for a long run (DDP, CPU) and for side-by-side runs; 1: this process
         self.out.mkdir(parents=True, exist_ok=True)
         self.times: dict[str, float] = {}
 
@@ -243,10 +242,11 @@ class Run:
             return self.distil(p, name, {})
         raise ValueError(f"unknown method {name!r}")
 
-    def all(self, jobs: int = 1) -> dict:
+    def all(self) -> dict:
+        """Prepare, then train the four methods (``procs`` at a time)."""
         p = self.prepare()
         names = ("sft_equal_compute", "seq_kd", "final_layer_kd", "vlsi")
-        methods = run_parallel([(self, "method", (p, n)) for n in names], jobs, self.progress,
+        methods = run_parallel([(self, "method", (p, n)) for n in names], self.procs, self.progress,
                                desc=f"seed {self.seed}: the 4 methods")
         for n, (path, secs) in zip(names, methods):
             self.times[n] = secs
@@ -336,7 +336,7 @@ def quickstart(out, seed: int = 0, seeds: int = 1, recipe: Recipe | None = None,
     for s in range(seed, seed + seeds):
         t = time.time()
         run = Run(out / f"seed{s}" if seeds > 1 else out, recipe, s, progress, procs=jobs)
-        res = run.evaluate(run.all(jobs))
+        res = run.evaluate(run.all())
         res.update({"seed": s, "seconds": round(time.time() - t, 1), "stage_seconds": run.times})
         runs.append(res)
     report = dict(runs[0]) if seeds == 1 else _aggregate(runs)
