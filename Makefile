@@ -15,7 +15,7 @@ GGUF    = $(VENV)/.gguf-installed
 
 $(BIN)/vlsi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip "setuptools>=68"
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77"
 	$(BIN)/pip install -q "$(TORCH)" -e ".[$(EXTRAS)]"
 	@touch $@
 

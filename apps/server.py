@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlsi.errors import VLsIError
-from vlsi.preprocess import validate_image
+from vlsi.images import validate_image
 
 STATIC = Path(__file__).parent / "static"
 
@@ -59,7 +59,7 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------- request parsing
 
 
-def _image_from_url(url: str, limits: Limits):
+def _image_from_url(url: str, limits: Limits, image_spec=None):
     if not isinstance(url, str):
         raise ApiError(400, "image_url.url must be a string", param="messages")
     if not url.startswith("data:"):
@@ -75,14 +75,15 @@ def _image_from_url(url: str, limits: Limits):
         raise ApiError(400, "the image data URI is not valid base64", param="messages",
                        code="invalid_base64") from None
     try:
-        return validate_image(raw, max_input_pixels=limits.max_image_pixels, source="image_url")
+        return validate_image(raw, image_spec, max_input_pixels=limits.max_image_pixels, source="image_url")
     except VLsIError as e:
         raise ApiError(400, f"image rejected: {e}", param="messages", code="invalid_image") from None
 
 
-def parse_messages(messages, limits: Limits) -> tuple[list, str]:
+def parse_messages(messages, limits: Limits, image_spec=None) -> tuple[list, str]:
     """OpenAI chat messages -> (images, prompt). The last user message is the question; images
-    come from its ``image_url`` parts (earlier turns are not a conversation the demo keeps)."""
+    come from its ``image_url`` parts (earlier turns are not a conversation the demo keeps).
+    Images are checked against the served model's ``image_spec``."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
     user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
@@ -104,7 +105,7 @@ def parse_messages(messages, limits: Limits) -> tuple[list, str]:
             elif kind == "image_url":
                 iu = part.get("image_url")
                 url = iu.get("url") if isinstance(iu, dict) else iu
-                images.append(_image_from_url(url, limits))
+                images.append(_image_from_url(url, limits, image_spec))
             else:
                 raise ApiError(400, f"unsupported content part type {kind!r}; use 'text' or 'image_url'",
                                param="messages")
@@ -277,7 +278,8 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
         except ApiError as e:
             return error(e)
         try:
-            images, prompt = await asyncio.to_thread(parse_messages, body["messages"], limits)
+            images, prompt = await asyncio.to_thread(parse_messages, body["messages"], limits,
+                                                   getattr(runtime, "image_spec", None))
             try:
                 encoded = await asyncio.to_thread(runtime.encode, images, prompt)
             except VLsIError as e:
@@ -300,7 +302,8 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
             try:
                 with engine.lock:
                     t0 = time.perf_counter()
-                    gen = runtime_generation(runtime, encoded, opts)
+                    gen = runtime.generate(None, encoded, opts["max_new_tokens"], opts["temperature"], opts["top_p"],
+                                           opts["stop"], stream=True, seed=opts["seed"])
                     gen_holder["gen"] = gen
                     if gen_holder.get("cancel"):
                         gen.cancel()
@@ -314,7 +317,8 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                         engine.cancelled += 1
                     layers = None
                     if want_layers and gen.finish_reason != "cancelled":
-                        layers = verbalizations(runtime, encoded, limits.verbalize_tokens)
+                        layers = {f"layer_{k}": text for k, text in
+                                  runtime.verbalize(None, encoded, limits.verbalize_tokens, final=False).items()}
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", (gen, timing, layers)))
             except Exception as e:  # noqa: BLE001 - reported to the client as a 500
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
@@ -410,22 +414,6 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
 
 class _TooLarge(Exception):
     pass
-
-
-def runtime_generation(runtime, encoded, opts):
-    from vlsi_runtimes.base import Generation
-
-    return Generation(runtime, encoded, opts["max_new_tokens"], opts["temperature"], opts["top_p"], opts["stop"],
-                      opts["seed"])
-
-
-def verbalizations(runtime, encoded, max_new_tokens: int) -> dict:
-    """Each kept layer's greedy answer, shallow to deep, then the model's own head."""
-    out = {}
-    for layer in runtime.verbalizer_layers:
-        out[f"layer_{layer}"] = runtime._decode(list(runtime.stream_tokens(None, encoded, max_new_tokens,
-                                                                           source=layer)))
-    return out
 
 
 def serve(model, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -1,8 +1,9 @@
 """The runtime interface every backend implements, and the decoding logic they share.
 
-A backend provides two operations on numpy arrays: ``_prefill(prompt) -> (state, logits)``
-and ``_step(state, token) -> logits``, where ``logits`` maps ``"final"`` (the model's head)
-and each kept verbalizer layer to a ``(V,)`` array for the next token. Everything else —
+A backend provides ``_encode(images, text) -> Prompt``, two operations on numpy arrays,
+``_prefill(prompt) -> (state, logits)`` and ``_step(state, token) -> logits`` (``logits`` maps
+``"final"``, the model's head, and each kept verbalizer layer to a ``(V,)`` array for the next
+token), and the public ``decode(ids)`` and ``image_embeds(images)``. Everything else —
 sampling, stop strings, streaming, per-layer verbalization — is written once here.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +45,13 @@ class Runtime:
     def _step(self, state, token: int) -> dict:
         raise NotImplementedError
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text, special tokens dropped."""
+        raise NotImplementedError
+
+    def image_embeds(self, images) -> np.ndarray:
+        """What the vision part makes of ``images``: ``(image tokens, hidden)``, images in order
+        (parity checks compare this across backends)."""
         raise NotImplementedError
 
     eos_ids: tuple[int, ...] = ()
@@ -105,23 +111,24 @@ class Runtime:
             yield tok
             logits = self._step(state, tok)
 
-    def generate(self, images, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop: list[str] | None = None, stream: bool = False, seed: int = 0):
+    def generate(self, images, prompt: str | Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False, seed: int = 0):
         """The answer as text, or with ``stream=True`` a :class:`Generation`: an iterator of
-        text pieces that also counts tokens and says why it finished.
+        text pieces that also counts tokens and says why it finished. ``prompt`` may be text
+        (encoded with ``images``) or a :class:`Prompt` from :meth:`encode`.
 
         Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string."""
-        gen = Generation(self, self.encode(images, prompt), max_new_tokens, temperature, top_p, stop or [], seed)
+        encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
+        gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed)
         return gen if stream else "".join(gen)
 
-    def verbalize(self, images, prompt: str, max_new_tokens: int = 32) -> dict:
+    def verbalize(self, images, prompt: str | Prompt, max_new_tokens: int = 32, final: bool = True) -> dict:
         """What each layer would answer: greedy decoding from every kept verbalizer, shallow to
-        deep, then the model's own head (the paper's Figure 3)."""
-        out = {}
-        encoded = self.encode(images, prompt)
-        for layer in (*self.verbalizer_layers, FINAL):
-            out[layer] = self._decode(list(self.stream_tokens(None, encoded, max_new_tokens, source=layer)))
-        return out
+        deep, then (with ``final``) the model's own head (the paper's Figure 3)."""
+        encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
+        layers = (*self.verbalizer_layers, FINAL) if final else self.verbalizer_layers
+        return {layer: self.decode(list(self.stream_tokens(None, encoded, max_new_tokens, source=layer)))
+                for layer in layers}
 
     def logits(self, images, prompt: str, continuation: list[int] | None = None) -> list[dict]:
         """Next-token logits after the prompt and after each token of ``continuation``:
@@ -166,7 +173,7 @@ class Generation:
                 return
             ids.append(tok)
             self.completion_tokens = len(ids)
-            text = rt._decode(ids)
+            text = rt.decode(ids)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
                 continue
             cut = min((text.find(s) for s in stop if s in text), default=-1)
@@ -180,16 +187,10 @@ class Generation:
                 yield self._emit(ready)
         if len(ids) >= max_new_tokens:
             self.finish_reason = "length"
-        text = rt._decode(ids)
+        text = rt.decode(ids)
         if len(text) > len(self.text):
             yield self._emit(text)
 
     def _emit(self, text: str) -> str:
         piece, self.text = text[len(self.text):], text
         return piece
-
-
-def read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())

@@ -23,29 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsi.archs import get_spec
 from vlsi.chat import DEFAULT_SYSTEM
 from vlsi.data.records import IMAGE_PLACEHOLDER
+from vlsi.images import load_image
 from vlsi.manifest import ArtifactError, load_manifest
-from vlsi.preprocess import Qwen2VLImageSpec, load_image, resize_for_spec
+
+from vlsi.llama_cpp import quiet_logs
 
 from .base import FINAL, Prompt, Runtime
-
-_LOG_SINK = None  # the C callback must outlive every call into llama.cpp
-
-
-def quiet_logs() -> None:
-    """Send llama.cpp's and mtmd's logging nowhere (``VLSI_LLAMA_LOG=1`` keeps it)."""
-    global _LOG_SINK
-    if os.environ.get("VLSI_LLAMA_LOG") or _LOG_SINK is not None:
-        return
-    import llama_cpp
-    from llama_cpp import mtmd_cpp
-
-    _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user: None)
-    llama_cpp.llama_log_set(_LOG_SINK, None)
-    mtmd_cpp.mtmd_log_set(_LOG_SINK, None)
-    mtmd_cpp.mtmd_helper_log_set(_LOG_SINK, None)
-
 
 def _ggml():
     """The few ggml functions the eval callback needs, typed."""
@@ -136,25 +122,28 @@ class _Chunks:
 class LlamaCppRuntime(Runtime):
     name = "gguf"
 
-    def __init__(self, folder, threads: int = 0, n_ctx: int = 4096, kv_type: str = "f16", gpu_layers: int = -1,
-                 verbose: bool = False):
-        """``kv_type``: "f16" (llama.cpp's default) or "f32" (what parity checks use: no rounding of
-        keys and values, about 10% slower decoding at a few hundred tokens of context)."""
+    def __init__(self, folder, threads: int = 0, n_ctx: int = 4096, kv_type: str | None = None, gpu_layers: int = -1,
+                 verbose: bool = False, parity: bool = False):
+        """``kv_type``: "f16" (llama.cpp's default) or "f32" (no rounding of keys and values, about
+        10% slower decoding at a few hundred tokens of context); ``parity=True`` means f32 unless
+        ``kv_type`` says otherwise."""
         import llama_cpp
         from llama_cpp import mtmd_cpp
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
-        if self.manifest.get("target") != "gguf":
-            raise ArtifactError(f"{self.folder} is a {self.manifest.get('target')!r} artifact, not a GGUF one")
-        m = self.manifest["model"]
-        self.image_token_id, self.merge = m["image_token_id"], m["spatial_merge_size"]
-        self.eos_ids = tuple(self.manifest["eos_token_ids"])
+        self.manifest = man = load_manifest(self.folder)
+        if man.target != "gguf":
+            raise ArtifactError(f"{self.folder} is a {man.target!r} artifact, not a GGUF one")
+        kv_type = kv_type or ("f32" if parity else "f16")
+        self.image_token_id = man.model["image_token_id"]
+        self.eos_ids = tuple(man.eos_token_ids)
         self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.spec = Qwen2VLImageSpec.from_preprocessor_config(self.folder / "preprocessor_config.json")
-        text = self.folder / self.manifest["text"]["file"]
-        mmproj = self.folder / self.manifest["mmproj"]["file"]
+        self.spec = get_spec(man.arch)
+        self.image_spec = self.spec.image_spec(self.folder)
+        text = self.folder / man.graph("text").file
+        mmproj = self.folder / man.graph("mmproj").file
+        limits = man.graph("mmproj").details
         for f, what in ((text, "text model"), (mmproj, "vision projector (mmproj)")):
             if not f.is_file():
                 raise ArtifactError(f"{f}: the {what} is missing; re-export the artifact")
@@ -176,7 +165,7 @@ class LlamaCppRuntime(Runtime):
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
 
         # verbalizers: capture the residual stream after the target layers
-        self.verbalizer_layers = tuple(self.manifest.get("verbalizers") or ())
+        self.verbalizer_layers = tuple(man.verbalizers)
         self._hidden: dict[int, np.ndarray] = {}
         self._callback = None
         cp = llama_cpp.llama_context_default_params()
@@ -187,7 +176,7 @@ class LlamaCppRuntime(Runtime):
             raise ArtifactError(f"kv_type {kv_type!r} must be f32 or f16")
         cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32 if kv_type == "f32" else llama_cpp.GGML_TYPE_F16
         if self.verbalizer_layers:
-            self._verb = NumpyVerbalizers(self.folder / self.manifest["verbalizer_file"], self._output_matrix)
+            self._verb = NumpyVerbalizers(self.folder / man.graph("verbalizers").file, self._output_matrix)
             self._want = {f"l_out-{k - 1}".encode(): k for k in self.verbalizer_layers}
             self._g = _ggml()
             self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
@@ -203,8 +192,8 @@ class LlamaCppRuntime(Runtime):
         mcp.print_timings = False
         mcp.n_threads = threads
         mcp.warmup = False
-        mcp.image_min_tokens = int(m.get("image_min_tokens", -1))
-        mcp.image_max_tokens = int(m.get("image_max_tokens", -1))
+        mcp.image_min_tokens = int(limits.get("image_min_tokens", -1))
+        mcp.image_max_tokens = int(limits.get("image_max_tokens", -1))
         self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.model, mcp)
         if not self.mctx:
             raise ArtifactError(f"llama.cpp could not load the vision projector {mmproj} with {text}: truncated, or "
@@ -256,7 +245,7 @@ class LlamaCppRuntime(Runtime):
             import gguf
             from gguf.quants import dequantize
 
-            r = gguf.GGUFReader(str(self.folder / self.manifest["text"]["file"]))
+            r = gguf.GGUFReader(str(self.folder / self.manifest.graph("text").file))
             by = {t.name: t for t in r.tensors}
             t = by.get("output.weight") or by["token_embd.weight"]
             self._output = dequantize(t.data, t.tensor_type).reshape(self.n_vocab, self.n_embd).astype(np.float32)
@@ -283,7 +272,7 @@ class LlamaCppRuntime(Runtime):
 
     def _encode(self, images, text):
         mt = self._mtmd
-        pil = [resize_for_spec(load_image(im, self.spec), self.spec) for im in images]
+        pil = [self.image_spec.resize(load_image(im, self.image_spec)) for im in images]
         bitmaps = []
         for im in pil:
             rgb = np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
@@ -311,8 +300,12 @@ class LlamaCppRuntime(Runtime):
             raise ArtifactError(f"the prompt is {len(ids)} tokens; this context holds {self.n_ctx}")
         return Prompt(ids, held)
 
+    def image_embeds(self, images) -> np.ndarray:
+        """llama.cpp encodes one image at a time, through its own preprocessing."""
+        return np.concatenate([self.image_embeds_for(im) for im in images])
+
     def image_embeds_for(self, image) -> np.ndarray:
-        """The projector's output for one image, ``(n_tokens, hidden)`` (parity checks)."""
+        """The projector's output for one image, ``(n_tokens, hidden)``."""
         mt = self._mtmd
         p = self._encode([image], "")
         chunks = p.images.chunks
@@ -364,5 +357,5 @@ class LlamaCppRuntime(Runtime):
         state["n_past"] += 1
         return self._logits()
 
-    def _decode(self, ids):
+    def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)

@@ -1,5 +1,10 @@
-"""ONNX Runtime backend. Imports neither torch nor transformers: an edge install is
-``tokenizers`` + numpy + Pillow + onnxruntime."""
+"""ONNX Runtime backend, for every architecture the ONNX target exports. Imports neither torch
+nor transformers: an edge install is ``tokenizers`` + numpy + Pillow + onnxruntime.
+
+Everything architecture-specific (image marker, preprocessing, the vision graph's inputs,
+position ids) comes from the architecture's torch-free spec, named by the manifest; graph
+inputs and outputs are fed and read by the names the manifest lists.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsi.archs import get_spec
 from vlsi.chat import chat_ids, expand_images
-from vlsi.manifest import load_manifest
-from vlsi.mrope import mrope_positions, vision_inputs
-from vlsi.preprocess import Qwen2VLImageSpec, load_image, num_image_tokens, preprocess_images
+from vlsi.images import load_image
+from vlsi.manifest import ArtifactError, load_manifest
 
 from .base import FINAL, Prompt, Runtime
-
-IMAGE_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def default_providers() -> list[str]:
@@ -28,81 +31,93 @@ def default_providers() -> list[str]:
 class OnnxRuntime(Runtime):
     name = "onnx"
 
-    def __init__(self, folder, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, folder, providers: list[str] | None = None, threads: int = 0, parity: bool = False):
+        """``parity`` changes nothing here: the graphs' caches are fp32 at every precision."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
-        if self.manifest.get("target") != "onnx":
-            from vlsi.manifest import ArtifactError
-
-            raise ArtifactError(f"{self.folder} is a {self.manifest.get('target')!r} artifact, not an ONNX one")
-        m = self.manifest["model"]
-        self.n_layers, self.kv_heads, self.head_dim = m["num_layers"], m["num_kv_heads"], m["head_dim"]
-        self.image_token_id, self.merge = m["image_token_id"], m["spatial_merge_size"]
-        self.verbalizer_layers = tuple(self.manifest.get("verbalizers", []))
-        self.eos_ids = tuple(self.manifest["eos_token_ids"])
+        self.manifest = m = load_manifest(self.folder)
+        if m.target != "onnx":
+            raise ArtifactError(f"{self.folder} is a {m.target!r} artifact, not an ONNX one")
+        self.model = m.model
+        self.spec = get_spec(m.arch)
+        self.image_spec = self.spec.image_spec(self.folder)
+        self.n_layers, self.kv_heads, self.head_dim = m.model["num_layers"], m.model["num_kv_heads"], m.model["head_dim"]
+        self.image_token_id = m.model["image_token_id"]
+        self.verbalizer_layers = tuple(m.verbalizers)
+        self.eos_ids = tuple(m.eos_token_ids)
         self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.spec = Qwen2VLImageSpec.from_preprocessor_config(self.folder / "preprocessor_config.json")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         self.providers = providers or default_providers()
-        g = self.manifest["graphs"]
-        self.vision = ort.InferenceSession(str(self.folder / g["vision"]["file"]), opts, providers=self.providers)
-        self.embed = ort.InferenceSession(str(self.folder / g["embed"]["file"]), opts, providers=self.providers)
-        self.decoder = ort.InferenceSession(str(self.folder / g["decoder"]["file"]), opts, providers=self.providers)
-        self.out_names = [o.name for o in self.decoder.get_outputs()]
-        self.n_logits = 1 + len(self.verbalizer_layers)
+        self.graphs = {name: m.graph(name) for name in ("vision", "embed", "decoder")}
+        self.sessions = {name: ort.InferenceSession(str(self.folder / g.file), opts, providers=self.providers)
+                         for name, g in self.graphs.items()}
+        outs = set(self.graphs["decoder"].outputs)
+        want = {"logits", *(f"verbalizer_logits_{k}" for k in self.verbalizer_layers),
+                *(f"present_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value"))}
+        if want - outs:
+            raise ArtifactError(f"{self.folder}: decoder.onnx lacks outputs {sorted(want - outs)[:4]}; re-export it")
 
     # ------------------------------------------------------------------ pieces
     def _encode(self, images, text):
-        pil = [load_image(im, self.spec) for im in images]
-        ids, _ = chat_ids(self.tok, self.user_turns(pil, text), IMAGE_MARKER, for_generation=True)
-        pixels = grids = None
+        pil = [load_image(im, self.image_spec) for im in images]
+        ids, _ = chat_ids(self.tok, self.user_turns(pil, text), self.spec.image_marker, for_generation=True)
+        vision = None
         if pil:
-            pixels, grids = preprocess_images(pil, self.spec)
-            ids, _ = expand_images(ids, [0] * len(ids), self.image_token_id,
-                                   [num_image_tokens(g, self.merge) for g in grids])
-        return Prompt(ids, (pixels, grids))
+            vision = self.spec.prepare_images(pil, self.image_spec, self.model)
+            ids, _ = expand_images(ids, [0] * len(ids), self.image_token_id, vision.tokens)
+        return Prompt(ids, vision)
 
-    def image_embeds(self, pixels: np.ndarray, grids: np.ndarray) -> np.ndarray:
-        pos, seg = vision_inputs(grids, self.merge)
-        return self.vision.run(None, {"pixel_values": pixels.astype(np.float32), "positions": pos, "image_index": seg})[0]
+    def _run_graph(self, name: str, feeds: dict) -> dict[str, np.ndarray]:
+        """Run graph ``name`` on the inputs it lists; its outputs by name."""
+        g = self.graphs[name]
+        missing = [n for n in g.inputs if n not in feeds]
+        if missing:
+            raise ArtifactError(f"{name}.onnx takes inputs {missing} that {self.spec.name}'s spec did not make; "
+                                "the artifact and this vlsi disagree: re-export it")
+        return dict(zip(g.outputs, self.sessions[name].run(g.outputs, {n: feeds[n] for n in g.inputs})))
+
+    def _vision(self, vision) -> np.ndarray:
+        return self._run_graph("vision", vision.feeds)["image_embeds"]
+
+    def image_embeds(self, images) -> np.ndarray:
+        pil = [load_image(im, self.image_spec) for im in images]
+        return self._vision(self.spec.prepare_images(pil, self.image_spec, self.model))
 
     def _run(self, state, embeds, positions):
         feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, state["length"] + embeds.shape[1]), np.int64),
                 "position_ids": positions}
         for i in range(self.n_layers):
             feed[f"past_key_{i}"], feed[f"past_value_{i}"] = state["past"][i]
-        outs = self.decoder.run(None, feed)
-        state["past"] = [(outs[self.n_logits + 2 * i], outs[self.n_logits + 2 * i + 1]) for i in range(self.n_layers)]
+        outs = self._run_graph("decoder", feed)
+        state["past"] = [(outs[f"present_key_{i}"], outs[f"present_value_{i}"]) for i in range(self.n_layers)]
         state["length"] += embeds.shape[1]
-        res = {FINAL: outs[0][0]}
-        for k, layer in enumerate(self.verbalizer_layers):
-            res[layer] = outs[1 + k][0]
+        res = {FINAL: outs["logits"][0]}
+        for layer in self.verbalizer_layers:
+            res[layer] = outs[f"verbalizer_logits_{layer}"][0]
         return res
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._run_graph("embed", {"input_ids": ids})["inputs_embeds"]
 
     def _prefill(self, prompt: Prompt):
         ids = np.asarray([prompt.ids], dtype=np.int64)
-        embeds = self.embed.run(None, {"input_ids": ids})[0]
-        pixels, grids = prompt.images
-        if pixels is not None:
-            img = self.image_embeds(pixels, grids)
-            mask = ids[0] == self.image_token_id
-            embeds[0, mask] = img
-        pos, deltas = mrope_positions(ids, self.image_token_id, grids if grids is not None else np.zeros((0, 3)),
-                                      self.merge)
+        embeds = self._embed(ids)
+        if prompt.images is not None:
+            embeds[0, ids[0] == self.image_token_id] = self._vision(prompt.images)
+        pos = self.spec.positions(ids, prompt.images, self.model)
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
         state = {"past": [(empty, empty)] * self.n_layers, "length": 0, "next_pos": int(pos.max()) + 1}
         return state, self._run(state, embeds.astype(np.float32), pos)
 
     def _step(self, state, token):
-        emb = self.embed.run(None, {"input_ids": np.array([[token]], np.int64)})[0]
-        pos = np.full((3, 1, 1), state["next_pos"], np.int64)
+        emb = self._embed(np.array([[token]], np.int64))
+        pos = np.full((self.spec.position_axes, 1, 1), state["next_pos"], np.int64)
         state["next_pos"] += 1
         return self._run(state, emb, pos)
 
-    def _decode(self, ids):
+    def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)

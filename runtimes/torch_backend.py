@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
-
 from .base import FINAL, Prompt, Runtime
 
 
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, folder, device: str = "cpu"):
+    def __init__(self, folder, device: str = "cpu", parity: bool = False):
+        """``parity`` changes nothing: this backend is the reference."""
         import torch
 
         from vlsi.checkpoint import load_checkpoint
@@ -24,49 +23,46 @@ class TorchRuntime(Runtime):
         self.eos_ids = tuple(self.enc.eos_ids)
         self.verbalizer_layers = self.ck.verbalizers.target_layers if self.ck.verbalizers is not None else ()
         self.device = device
+        self.spec = self.ck.adapter.spec
+        self.image_spec = self.spec.image_spec(self.ck.path)
+
+    def _images(self, images) -> list:
+        """Images through the same decoding, EXIF, RGB and size checks as every backend."""
+        from vlsi.images import load_image
+
+        return [load_image(im, self.image_spec) for im in images]
 
     def _encode(self, images, text):
         from vlsi.data.records import Record
 
-        refs = []
-        for im in images:
-            if hasattr(im, "save"):  # a PIL image: hand the loader encoded bytes like any file
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-                im = buf.getvalue()
-            refs.append(im)
-        rec = Record(id="prompt", turns=self.user_turns(refs, text), images=tuple(refs), source="prompt")
+        pil = tuple(self._images(images))
+        rec = Record(id="prompt", turns=self.user_turns(pil, text), images=pil, source="prompt")
         e = self.enc.encode(rec, for_generation=True)
         return Prompt(e.input_ids, e)
 
-    def _forward(self, state, inputs):
-        from vlsi.adapters import get_adapter
-        from vlsi.verbalizer import LayerTap
+    def image_embeds(self, images):
+        ad = self.ck.adapter
+        processed = ad.process_images(self.ck.image_processor, self._images(images))
+        with self.torch.inference_mode():
+            return ad.image_features(self.model, processed).float().cpu().numpy()
 
-        torch = self.torch
-        with torch.inference_mode(), LayerTap(self.model, self.verbalizer_layers) as hidden:
-            out = self.model(**inputs, cache=state.get("cache"), use_cache=True, logits_to_keep=1)
-        state["cache"] = out.cache
-        res = {FINAL: out.logits[0, -1].float().numpy()}
-        head = get_adapter(self.model).lm_head(self.model)
-        with torch.inference_mode():
-            for k in self.verbalizer_layers:
-                res[k] = head(self.ck.verbalizers.heads[str(k)](hidden[k][:, -1:]))[0, -1].float().numpy()
-        return res
+    def _forward(self, run, arg) -> dict:
+        """``run(arg)`` (a :class:`~vlsi.verbalizer.VerbalizerTap` prefill or step) as numpy logits."""
+        with self.torch.inference_mode():
+            final, per_layer = run(arg)
+        return {FINAL: final[0].float().numpy(), **{k: v[0].float().numpy() for k, v in per_layer.items()}}
 
     def _prefill(self, prompt: Prompt):
+        from vlsi.verbalizer import VerbalizerTap
+
         batch = self.enc.collate([prompt.images], pad_left=True)
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        state = {"mask": inputs["attention_mask"], "pos": inputs["position_ids"]}
-        return state, self._forward(state, inputs)
+        tap = VerbalizerTap(self.model, self.ck.verbalizers)  # the state: KV cache and heads' history
+        return tap, self._forward(tap.prefill, inputs)
 
-    def _step(self, state, token):
-        torch = self.torch
-        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-        state["pos"] = state["pos"].max(dim=-1, keepdim=True).values + 1
-        ids = torch.tensor([[token]], device=self.device)
-        return self._forward(state, {"input_ids": ids, "attention_mask": state["mask"], "position_ids": state["pos"]})
+    def _step(self, tap, token):
+        return self._forward(tap.step, self.torch.tensor([token], device=self.device))
 
-    def _decode(self, ids):
+    def decode(self, ids):
         return self.ck.tokenizer.decode(ids, skip_special_tokens=True)
 

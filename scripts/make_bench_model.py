@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from vlsi.adapters import get_adapter
+from vlsi.archs import get_adapter
 from vlsi.checkpoint import save_checkpoint
 from vlsi.tiny import TinySpec, default_tokenizer, token_ids
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlsi.adapters import get_adapter, supported
+from vlsi.archs import get_adapter, supported
 from vlsi.data.encode import IGNORE_INDEX, Encoder
 from vlsi.data.records import Record, Turn
 from vlsi.errors import UnsupportedArchitectureError

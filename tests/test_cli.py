@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from vlsi.cli import COMMANDS, main
+from vlsi_cli import COMMANDS, main
 
 
 def _leaves(group, prefix=""):

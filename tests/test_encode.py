@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlsi.adapters import get_adapter
+from vlsi.archs import get_adapter
 from vlsi.data.encode import IGNORE_INDEX, Encoder
 from vlsi.data.records import Record, Turn
 from vlsi.errors import DataError

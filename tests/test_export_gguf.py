@@ -10,7 +10,8 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
 
 from vlsi.checkpoint import load_checkpoint  # noqa: E402
 from vlsi.errors import UnsupportedArchitectureError  # noqa: E402
-from vlsi_export.gguf_tables import QWEN2VL_TEXT, TensorTable  # noqa: E402
+from vlsi.archs.gguf import TensorTable  # noqa: E402
+from vlsi.archs.qwen2_vl.gguf import QWEN2VL_TEXT  # noqa: E402
 from vlsi_export.gguf_target import write_text_gguf  # noqa: E402
 
 

@@ -19,9 +19,9 @@ gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed")
 
 import vlsi_runtimes  # noqa: E402
 from vlsi.errors import ConfigError, UnsupportedArchitectureError  # noqa: E402
-from vlsi.manifest import ArtifactError, load_manifest, write_manifest  # noqa: E402
+from vlsi.manifest import ArtifactError, Manifest, load_manifest, write_manifest  # noqa: E402
 from vlsi_export import get_target  # noqa: E402
-from vlsi_export.validate import ParityError  # noqa: E402
+from vlsi_export.parity import ParityError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +53,12 @@ def pair(tiny_ckpt, f32):
 
 def test_artifact_layout_and_parity_recorded(f32, tiny_ckpt):
     m = load_manifest(f32)
-    assert m["target"] == "gguf" and m["precision"] == "f32" and m["verbalizers"] == [1, 3, 5]
-    assert {"model-f32.gguf", "mmproj-f32.gguf", "verbalizers.gguf", "tokenizer.json"} <= set(m["files"])
-    assert m["text"]["types"] == {"F32": len(m["text"]["tensor_types"])} and m["text"]["fallbacks"] == []
-    assert "llama_cpp_python" in m["tools"] and "gguf" in m["tools"]
-    p = m["parity"]["metrics"]
-    assert m["parity"]["passed"] and p["greedy_match"] == 1.0 and p["tokens_match"] == 1.0
+    assert m.target == "gguf" and m.precision == "f32" and m.verbalizers == [1, 3, 5]
+    assert {"model-f32.gguf", "mmproj-f32.gguf", "verbalizers.gguf", "tokenizer.json"} <= set(m.files)
+    assert m.graph("text").details["types"] == {"F32": len(m.graph("text").details["tensor_types"])} and m.graph("text").details["fallbacks"] == []
+    assert "llama_cpp_python" in m.tools and "gguf" in m.tools
+    p = m.parity["metrics"]
+    assert m.parity["passed"] and p["greedy_match"] == 1.0 and p["tokens_match"] == 1.0
     assert p["vision_max_abs"] < 2e-3 and p["verbalizer_top1"] == 1.0
     assert not any(x.name.startswith(".") for x in f32.parent.iterdir())  # no temporary folders left
 
@@ -108,7 +108,7 @@ def test_image_embeddings_match_torch(pair):
 
     ref, rt = pair
     for im in (_img(4), _img(5, size=140)):
-        from vlsi.preprocess import load_image
+        from vlsi.images import load_image
 
         processed = ref.ck.adapter.process_images(ref.ck.image_processor, [load_image(im, rt.spec)])
         with torch.inference_mode():
@@ -139,20 +139,20 @@ def test_quantised_types_and_fallbacks_are_recorded(tiny_ckpt, tmp_path):
         get_target("gguf")(tiny_ckpt, out, quant="q4_k_m", validate=False)
     m = load_manifest(out)
     on_disk = written_types(out / "model-q4_k_m.gguf")
-    assert m["text"]["tensor_types"] == on_disk["tensors"] and m["text"]["types"] == on_disk["counts"]
+    assert m.graph("text").details["tensor_types"] == on_disk["tensors"] and m.graph("text").details["types"] == on_disk["counts"]
     assert "Q5_0" in on_disk["counts"]  # Q4_K's fallback for rows of 96
-    assert "blk.0.attn_q.weight: Q5_0" in m["text"]["fallbacks"]
-    assert sorted(m["text"]["fallbacks"]) == sorted(f"{k}: {v}" for k, v in on_disk["tensors"].items()
+    assert "blk.0.attn_q.weight: Q5_0" in m.graph("text").details["fallbacks"]
+    assert sorted(m.graph("text").details["fallbacks"]) == sorted(f"{k}: {v}" for k, v in on_disk["tensors"].items()
                                                      if v not in ("Q4_K", "Q6_K", "F32"))
-    assert 4 < m["text"]["bits_per_weight"] < 16
+    assert 4 < m.graph("text").details["bits_per_weight"] < 16
     rt = vlsi_runtimes.load(out)
     assert rt.generate([_img(0)], "what colour?", max_new_tokens=3)
 
     out = tmp_path / "q8"  # Q8_0 fits: no fallbacks; the mmproj can be Q8_0 too where rows fit
     get_target("gguf")(tiny_ckpt, out, quant="q8_0", mmproj_quant="q8_0", validate=False)
     m = load_manifest(out)
-    assert m["text"]["types"].keys() == {"Q8_0", "F32"} and m["text"]["fallbacks"] == []
-    assert m["mmproj"]["types"].get("Q8_0", 0) > 0
+    assert m.graph("text").details["types"].keys() == {"Q8_0", "F32"} and m.graph("text").details["fallbacks"] == []
+    assert m.graph("mmproj").details["types"].get("Q8_0", 0) > 0
     assert vlsi_runtimes.load(out).generate([_img(0)], "what colour?", max_new_tokens=3)
 
 
@@ -222,7 +222,7 @@ def test_bad_files_are_named(f32, tiny_ckpt, tmp_path):
     f = bad / "model-f32.gguf"
     f.write_bytes(f.read_bytes()[:5000])
     m = json.loads((bad / "manifest.json").read_text())
-    write_manifest(bad, {k: v for k, v in m.items() if k not in ("files", "format_version")})
+    write_manifest(bad, Manifest.from_dict(m))
     with pytest.raises(ArtifactError, match="could not load .*model-f32.gguf"):
         vlsi_runtimes.load(bad)
     # a projector from another model (a different text width) next to this text model
@@ -234,7 +234,7 @@ def test_bad_files_are_named(f32, tiny_ckpt, tmp_path):
     shutil.rmtree(bad)
     shutil.copytree(f32, bad)
     shutil.copyfile(tmp_path / "og" / "mmproj-f32.gguf", bad / "mmproj-f32.gguf")
-    write_manifest(bad, {k: v for k, v in m.items() if k not in ("files", "format_version")})
+    write_manifest(bad, Manifest.from_dict(m))
     with pytest.raises(ArtifactError, match="not the projector made for this text model"):
         vlsi_runtimes.load(bad)
 
@@ -247,8 +247,8 @@ def test_llama_cpp_chat_api_gives_the_same_answer(f32, tiny_ckpt):
 
     m = load_manifest(f32)
     png = _png(_img(8))
-    handler = MTMDChatHandler(clip_model_path=str(f32 / m["mmproj"]["file"]), verbose=False)
-    llm = Llama(model_path=str(f32 / m["text"]["file"]), chat_handler=handler, n_ctx=1024, n_threads=2, verbose=False)
+    handler = MTMDChatHandler(clip_model_path=str(f32 / m.graph("mmproj").file), verbose=False)
+    llm = Llama(model_path=str(f32 / m.graph("text").file), chat_handler=handler, n_ctx=1024, n_threads=2, verbose=False)
     question = "what colour is the star?"
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     # vlsi's layout puts a newline between the image and the question (the LLaVA convention)
@@ -287,7 +287,7 @@ def test_streaming_and_stop(pair):
 def test_bench_has_the_llama_cpp_backend(f32, tiny_ckpt, tmp_path):
     from click.testing import CliRunner
 
-    from vlsi.cli import main
+    from vlsi_cli import main
 
     res = CliRunner().invoke(main, ["bench", str(f32), "--reference", str(tiny_ckpt), "--runs", "1", "--threads", "2",
                                     "--new-tokens", "4", "--prompt-tokens", "40", "--out", str(tmp_path / "b.json")])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlsi.mrope import mrope_positions
+from vlsi.archs.qwen2_vl.positions import mrope_positions
 
 
 def _hf_positions(model, input_ids, grids, mask):

@@ -9,7 +9,9 @@ import torch
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
-from vlsi_export.qwen2_vl_graphs import Decoder, VisionEncoder, vision_inputs  # noqa: E402
+from vlsi.archs.onnx import Decoder  # noqa: E402
+from vlsi.archs.qwen2_vl.onnx import VisionEncoder  # noqa: E402
+from vlsi.archs.qwen2_vl.positions import vision_inputs  # noqa: E402
 
 from .conftest import png_bytes  # noqa: E402
 
@@ -48,7 +50,7 @@ def test_vision_encoder_any_size_and_count(ckpt, tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     proc = ckpt.image_processor
     # the tiny processor keeps 84x84; a processor of another size gives other grids
-    from vlsi.adapters import get_adapter
+    from vlsi.archs import get_adapter
 
     wide = get_adapter("qwen2_vl").tiny_image_processor(112)
     for p, imgs in [(proc, _images((84, 84))), (proc, _images((84, 84), (84, 84))), (wide, _images((112, 112), (112, 112)))]:

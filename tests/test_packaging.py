@@ -22,7 +22,7 @@ def test_wheel_top_level_names_are_unique(tmp_path):
     wheel = next(tmp_path.glob("vlsi-*.whl"))
     tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     packages = {t for t in tops if not t.endswith((".dist-info", ".data"))}
-    assert packages == {"vlsi", "vlsi_train", "vlsi_export", "vlsi_runtimes", "vlsi_apps"}
+    assert packages == {"vlsi", "vlsi_train", "vlsi_export", "vlsi_runtimes", "vlsi_apps", "vlsi_cli"}
     names = zipfile.ZipFile(wheel).namelist()
     assert "vlsi/templates/qwen2_vl_chat.jinja" in names
 

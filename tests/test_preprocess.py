@@ -1,4 +1,5 @@
-"""vlsi.preprocess: numpy/Pillow Qwen2-VL preprocessing equals transformers' PIL processor."""
+"""Qwen2-VL's numpy/Pillow preprocessing (vlsi.archs.qwen2_vl.image) equals transformers' PIL
+processor; the image guards (vlsi.images) refuse what they should."""
 
 from __future__ import annotations
 
@@ -17,17 +18,8 @@ import pytest
 from PIL import Image
 
 from vlsi.errors import ConfigError, VLsIError
-from vlsi.preprocess import (
-    DEFAULT_MAX_INPUT_PIXELS,
-    ImageError,
-    Qwen2VLImageSpec,
-    grid_thw_for_size,
-    load_image,
-    num_image_tokens,
-    preprocess_images,
-    smart_resize,
-    validate_image,
-)
+from vlsi.archs.qwen2_vl.image import Qwen2VLImageSpec, num_image_tokens, preprocess_images, smart_resize
+from vlsi.images import DEFAULT_MAX_INPUT_PIXELS, ImageError, load_image, validate_image
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PX = 84 * 84
@@ -172,7 +164,8 @@ def test_smart_resize_matches_transformers():
 def test_grid_and_token_count(hf_tiny, hf_default):
     for w, h in SIZES:
         for proc, spec in ((hf_default, SPEC_DEFAULT), (hf_tiny, SPEC_TINY)):
-            g = grid_thw_for_size(h, w, spec)
+            rh, rw = smart_resize(h, w, spec.factor, spec.min_pixels, spec.max_pixels)
+            g = (1, rh // spec.patch_size, rw // spec.patch_size)
             assert g[1] * g[2] == proc.get_number_of_image_patches(h, w)
             assert num_image_tokens(g, spec.merge_size) == g[1] * g[2] // 4
     assert num_image_tokens((1, 6, 6), 2) == 9  # the tiny models: 84x84 -> 9 image tokens
@@ -269,7 +262,7 @@ def test_truncated_png():
 
 
 def _no_decode(monkeypatch):
-    import vlsi.preprocess as pp
+    import vlsi.images as pp
 
     def boom(*a, **k):
         raise AssertionError("the image was decoded")
@@ -303,14 +296,16 @@ def test_custom_pixel_limit(tmp_path):
 def test_extreme_aspect_ratio(w, h):
     im = rand_image(w, h)
     for call in (
-        lambda: load_image(png_bytes(im)),
-        lambda: validate_image(im),
+        lambda: load_image(png_bytes(im), SPEC_DEFAULT),
+        lambda: validate_image(im, SPEC_DEFAULT),
         lambda: preprocess_images([im]),
         lambda: smart_resize(h, w),
     ):
         with pytest.raises(ImageError, match="aspect ratio .* exceeds 200"):
             call()
-    assert validate_image(rand_image(1, 200)).size == (1, 200)  # exactly 200 is allowed, as in HF
+    assert validate_image(rand_image(1, 200), SPEC_DEFAULT).size == (1, 200)  # exactly 200 is allowed, as in HF
+    # without a spec only the generic guards apply: the shape is the architecture's business
+    assert load_image(png_bytes(im)).size == (w, h)
 
 
 def test_empty_and_wrong_types(tmp_path):
@@ -361,9 +356,10 @@ def test_imports_without_torch_or_transformers(tmp_path):
         sys.modules["torch"] = None
         sys.modules["transformers"] = None
         import numpy as np
-        import vlsi.preprocess as pp
+        import vlsi.archs.qwen2_vl.image as pp
+        from vlsi.images import load_image
         spec = pp.Qwen2VLImageSpec(min_pixels=84 * 84, max_pixels=84 * 84)
-        im = pp.load_image({str(tmp_path / "img.png")!r}, spec)
+        im = load_image({str(tmp_path / "img.png")!r}, spec)
         pv, grid = pp.preprocess_images([im, im], spec)
         assert pv.shape == (72, 1176) and pv.dtype == np.float32, pv.shape
         assert grid.tolist() == [[1, 6, 6], [1, 6, 6]]

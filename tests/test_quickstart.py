@@ -86,13 +86,13 @@ def test_demo_model_runs_the_quickstart_then_exports(tmp_path, monkeypatch):
     student is exported to ONNX with the verbalizers, once."""
     pytest.importorskip("onnxruntime")
     from vlsi.manifest import load_manifest
-    from vlsi_apps.demo import demo_model
+    from vlsi_cli.demo import demo_model
 
     monkeypatch.setenv("VLSI_CACHE", str(tmp_path / "cache"))
     art = demo_model(tmp_path / "qs", recipe=MINI)
     assert (tmp_path / "qs" / "report.json").is_file()
     m = load_manifest(art)
-    assert m["target"] == "onnx" and m["verbalizers"] == [2]
+    assert m.target == "onnx" and m.verbalizers == [2]
     stamp = (art / "manifest.json").stat().st_mtime
     assert demo_model(tmp_path / "qs", recipe=MINI) == art and (art / "manifest.json").stat().st_mtime == stamp
 

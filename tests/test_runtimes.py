@@ -81,7 +81,7 @@ assert 'torch' not in sys.modules or sys.modules['torch'] is None
 
 
 def test_bad_images_are_rejected_before_onnx_runtime(pair):
-    from vlsi.preprocess import ImageError
+    from vlsi.images import ImageError
 
     _, rt, _ = pair
     with pytest.raises(ImageError):
@@ -118,7 +118,7 @@ def test_bench_table(pair, tiny_ckpt, tmp_path):
 
     from click.testing import CliRunner
 
-    from vlsi.cli import main
+    from vlsi_cli import main
 
     _, _, art = pair
     res = CliRunner().invoke(main, ["bench", str(art), "--reference", str(tiny_ckpt), "--runs", "1",

@@ -45,7 +45,7 @@ def _rss_mb(pid: int) -> float:
 def start_server(model, log: Path, *args: str) -> tuple[str, subprocess.Popen]:
     """``vlsi serve MODEL *args`` on a free loopback port; returns its URL once /health answers."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "vlsi.cli", "serve", str(model), "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "vlsi_cli", "serve", str(model), "--port", str(port), *args]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**__import__("os").environ,
                                                                                "OMP_NUM_THREADS": "1"})

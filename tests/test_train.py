@@ -160,7 +160,7 @@ def test_pipeline_skips_finished_stages(pair, tmp_path, capsys):
 def test_bench_prints_every_mode(pair, tmp_path):
     from click.testing import CliRunner
 
-    from vlsi.cli import main
+    from vlsi_cli import main
 
     root, data = pair
     res = CliRunner().invoke(main, ["train", "bench", "--teacher", str(root / "tv"), "--student", str(root / "sv"),

@@ -26,7 +26,7 @@ def _args(data, out, **kw):
 
 
 def _vlsi(*args, **popen):
-    return subprocess.Popen([sys.executable, "-m", "vlsi.cli", "train", "run", *args], env=ENV, **popen)
+    return subprocess.Popen([sys.executable, "-m", "vlsi_cli", "train", "run", *args], env=ENV, **popen)
 
 
 def _losses(out):
@@ -83,7 +83,7 @@ def test_resume_with_a_changed_config_is_refused(synth_data, tmp_path):
 
 def _torchrun(nproc, args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "vlsi.cli", "train", "run", *args]
+           "-m", "vlsi_cli", "train", "run", *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
 
 

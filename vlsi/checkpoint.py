@@ -38,7 +38,7 @@ class Checkpoint:
 
     @property
     def adapter(self):
-        from .adapters import get_adapter
+        from .archs import get_adapter
 
         return get_adapter(self.model)
 
@@ -52,7 +52,7 @@ def save_checkpoint(out_dir, model, tokenizer, image_processor, verbalizers=None
 
     from safetensors.torch import save_file
 
-    from .adapters import get_adapter
+    from .archs import get_adapter
     from .tokenizer import save_tokenizer
 
     adapter = get_adapter(model)
@@ -120,7 +120,7 @@ def load_checkpoint(folder, device="cpu", dtype=None, with_verbalizers: bool = T
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from .adapters import get_adapter
+    from .archs import get_adapter
     from .tokenizer import load_fast_tokenizer
     from .verbalizer import VerbalizerConfig, Verbalizers
 

@@ -1,21 +1,27 @@
-"""The artifact manifest: what an export folder holds, read by runtimes without torch.
+"""The artifact manifest: the typed contract between an export and the runtimes that load it.
 
-``manifest.json`` records the source checkpoint's hash, the target, the precision of every
-graph, every file with its sha256, the graphs' input/output signature, the verbalizers kept,
-tool versions and the parity report. ``load_manifest`` checks the format version and, with
-``verify``, that every listed file exists with its recorded size and hash.
+``manifest.json`` is a :class:`Manifest`: the target, the text model's precision (top level,
+for every target), the model block (the architecture's spec writes it, runtimes read it
+back), the end-of-turn ids, every graph or file with its precision and input/output names
+(runtimes read graph outputs by these names, never by position), the verbalizers kept, the
+source checkpoint's hash, tool versions, the parity report and every file with its sha256.
+:func:`load_manifest` checks the format version and, with ``verify``, that every listed file
+exists with its recorded size and hash. Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import VLsIError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: typed manifest (top-level precision, ``graphs`` for every target, I/O names). Version 1
+artifacts (vlsi 0.1 before the architecture packages) must be exported again."""
 
 
 class ArtifactError(VLsIError):
@@ -65,27 +71,94 @@ def file_entries(folder: Path) -> dict[str, dict]:
     }
 
 
-def write_manifest(folder: Path, manifest: dict) -> Path:
-    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": file_entries(folder)}
+@dataclass
+class Graph:
+    """One file of an artifact that a runtime loads: an ONNX graph, a GGUF file, an engine."""
+
+    file: str
+    precision: str
+    """Weights' precision as written (fp32, fp16, int8, int4; f16, q4_k_m, ...)."""
+    inputs: list[str] = field(default_factory=list)
+    """Input names, in the graph's order (empty for files without named inputs, e.g. GGUF)."""
+    outputs: list[str] = field(default_factory=list)
+    """Output names; runtimes look outputs up by these."""
+    details: dict = field(default_factory=dict)
+    """Target-specific facts: signature dtypes and shapes, tensor types written, fallbacks."""
+
+
+@dataclass
+class Manifest:
+    target: str
+    """onnx, gguf or tensorrt."""
+    precision: str
+    """The text model's precision; each graph's own is in ``graphs``."""
+    model: dict
+    """The architecture spec's model block (``arch``, sizes, image token id, position axes...)."""
+    eos_token_ids: list[int]
+    graphs: dict[str, Graph]
+    verbalizers: list[int] = field(default_factory=list)
+    """Target layers whose verbalizer heads are kept."""
+    quantization: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    tools: dict = field(default_factory=dict)
+    parity: dict | None = None
+    files: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def arch(self) -> str:
+        return self.model["arch"]
+
+    def graph(self, name: str) -> Graph:
+        if name not in self.graphs:
+            raise ArtifactError(f"the {self.target} artifact has no {name!r} graph (it has {', '.join(self.graphs)})")
+        return self.graphs[name]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> Manifest:
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ArtifactError(f"{where} lacks {', '.join(missing)}; re-export the artifact")
+        try:
+            graphs = {k: Graph(**g) for k, g in d["graphs"].items()}
+        except TypeError as e:
+            raise ArtifactError(f"{where}: a graph entry is malformed ({e}); re-export the artifact") from None
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "graphs": graphs})
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write ``manifest`` into ``folder`` with the current file list and hashes."""
+    manifest.files = file_entries(folder)
+    manifest.format_version = FORMAT_VERSION
     path = folder / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return path
 
 
-def load_manifest(folder: str | Path, verify: bool = True) -> dict:
+def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: {folder} is not a vlsi export (run `vlsi export` to make one)")
     try:
-        m = json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e})") from None
-    if m.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format_version {m['format_version']}, newer than this vlsi reads "
+    version = d.get("format_version", 0) if isinstance(d, dict) else 0
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format_version {version}, newer than this vlsi reads "
                             f"({FORMAT_VERSION}); upgrade vlsi")
+    if version < FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format_version {version}, from an older vlsi whose manifests runtimes "
+                            f"no longer read; export the checkpoint again (`vlsi export ...`)")
+    m = Manifest.from_dict(d, str(path))
     if verify:
-        for name, entry in m.get("files", {}).items():
+        for name, entry in m.files.items():
             f = folder / name
             if not f.is_file():
                 raise ArtifactError(f"{f} is listed in {MANIFEST} but missing; re-export the artifact")

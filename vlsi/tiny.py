@@ -96,7 +96,7 @@ def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: i
     """
     import torch
 
-    from .adapters import get_adapter
+    from .archs import get_adapter
 
     adapter = get_adapter(arch)
     if isinstance(size, str):
@@ -121,7 +121,7 @@ def save_tiny(out_dir: str | Path, arch: str = "qwen2_vl", size: str = "student"
     model, tok, proc, spec = build_tiny(arch, size, seed)
     verbalizers = None
     if verbalizer_layers is not None:
-        from .adapters import get_adapter
+        from .archs import get_adapter
         from .verbalizer import VerbalizerConfig, Verbalizers, parse_target_layers
 
         n = get_adapter(model).text_sizes(model.config).num_layers
@@ -135,7 +135,7 @@ def save_tiny(out_dir: str | Path, arch: str = "qwen2_vl", size: str = "student"
 
 def param_count(model) -> dict[str, int]:
     """Parameters of the whole model, the text decoder and the vision tower."""
-    from .adapters import get_adapter
+    from .archs import get_adapter
 
     ad = get_adapter(model)
     total = sum(p.numel() for p in model.parameters())

@@ -16,6 +16,7 @@ Variants (the paper's Table 4 ablation):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -110,6 +111,9 @@ class RMSNorm(nn.Module):
 class GatedFFN(nn.Module):
     """``x + down(silu(gate(x)) * up(x))``; ``inner == dim`` is the paper's verb-FFN."""
 
+    attends = False
+    """Position-wise: each position's output depends on that position only."""
+
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.gate = nn.Linear(dim, inner, bias=False)
@@ -125,6 +129,8 @@ class GatedFFN(nn.Module):
 
 
 class PlainMLP(nn.Module):
+    attends = False
+
     def __init__(self, dim: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim)
@@ -139,6 +145,9 @@ class PlainMLP(nn.Module):
 class DecoderBlock(nn.Module):
     """Pre-norm causal self-attention then a verb-FFN. Positions are already in the hidden
     states (the backbone applied its rotary embedding), so the block adds none."""
+
+    attends = True
+    """Each position reads the earlier ones: decoding needs the layer's whole history."""
 
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -198,7 +207,7 @@ class Verbalizers(nn.Module):
     @classmethod
     def for_model(cls, model, cfg: VerbalizerConfig) -> "Verbalizers":
         """Heads sized for ``model``, norms initialised from its final norm."""
-        from .adapters import get_adapter
+        from .archs import get_adapter
 
         ad = get_adapter(model)
         sizes = ad.text_sizes(model.config)
@@ -216,23 +225,34 @@ class Verbalizers(nn.Module):
     def target_layers(self) -> tuple[int, ...]:
         return self.cfg.target_layers
 
-    def forward(self, hidden: dict[int, torch.Tensor], lm_head: nn.Module, attention_mask=None, select=None):
+    @property
+    def attends(self) -> bool:
+        """Whether the heads attend over the sequence (``decoder_block``): decoding one token
+        at a time must then keep each layer's earlier hidden states."""
+        return any(block.attends for head in self.heads.values() for block in head.blocks)
+
+    def layer_logits(self, k: int, hidden: torch.Tensor, lm_head: nn.Module, attention_mask=None, select=None):
+        """Logits of target layer ``k`` from its hidden states ``(B, L, D)``: ``(B, L, V)``, or
+        ``(N, V)`` at the ``select`` positions."""
+        h = self.heads[str(k)](hidden, attention_mask)
+        if select is not None:
+            h = h[select]
+        return lm_head(h)
+
+    def forward(self, hidden: dict[int, torch.Tensor], lm_head: nn.Module, attention_mask=None, select=None,
+                layers=None):
         """Per-layer logits.
 
         Args:
             hidden: ``{layer: (B, L, D)}`` hidden states after each target layer.
             select: optional ``(B, L)`` bool mask; only those positions get logits, which
                 saves the full-vocabulary projection on prompt tokens.
+            layers: the target layers to read (default: all).
         Returns:
             ``{layer: (B, L, V)}``, or ``{layer: (N, V)}`` with ``select`` (N = select.sum()).
         """
-        out = {}
-        for k in self.cfg.target_layers:
-            h = self.heads[str(k)](hidden[k], attention_mask)
-            if select is not None:
-                h = h[select]
-            out[k] = lm_head(h)
-        return out
+        layers = self.cfg.target_layers if layers is None else layers
+        return {k: self.layer_logits(k, hidden[k], lm_head, attention_mask, select) for k in layers}
 
 
 class LayerTap:
@@ -242,7 +262,7 @@ class LayerTap:
     """
 
     def __init__(self, model, layers):
-        from .adapters import get_adapter
+        from .archs import get_adapter
 
         self.layers = tuple(layers)
         self.modules = get_adapter(model).decoder_layers(model)
@@ -263,16 +283,149 @@ class LayerTap:
         return False
 
 
-def forward_with_verbalizers(model, verbalizers: Verbalizers | None, select=None, **inputs):
-    """Run ``model(**inputs)``; with verbalizers, also return per-target-layer logits.
+class _FinalNormTap:
+    """Captures the final norm's output, so the LM head can run on chosen positions only."""
 
-    Returns ``(outputs, {layer: logits})`` (an empty dict without verbalizers).
+    def __init__(self, model):
+        from .archs import get_adapter
+
+        self.norm = get_adapter(model).final_norm(model)
+        self.captured: torch.Tensor | None = None
+
+    def __enter__(self) -> "_FinalNormTap":
+        def hook(_m, _inp, out):
+            self.captured = out
+
+        self._handle = self.norm.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+class _OnDemand(Mapping):
+    """``{layer: logits}`` computed at each access and never kept: at most one layer's
+    full-vocabulary distribution is alive at a time (the teacher's, during matching)."""
+
+    def __init__(self, layers, compute):
+        self._layers = tuple(layers)
+        self._compute = compute
+
+    def __getitem__(self, k):
+        if k not in self._layers:
+            raise KeyError(k)
+        return self._compute(k)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __len__(self):
+        return len(self._layers)
+
+
+class VerbalizerTap:
+    """The model and its verbalizer heads in one pass, written once: run the backbone, capture
+    the target layers' outputs, apply their heads, and read the backbone's shared LM head.
+
+    * :meth:`forward` runs whole sequences (training, the teacher, tests).
+    * :meth:`prefill` then :meth:`step` decode with a KV cache (``greedy_generate``, the torch
+      runtime) and return next-token logits only. Position-wise heads read the newest
+      position; heads that attend (``decoder_block``) see the layer's whole history, which the
+      tap keeps across steps together with the attention mask, so each step's answer equals
+      a full-sequence :meth:`forward` over the same tokens. One tap decodes one batch.
+
+    ``layers`` (default: every target layer) picks the heads read; ``()`` or no
+    ``verbalizers`` reads only the model's own head.
     """
-    if verbalizers is None:
-        return model(**inputs), {}
-    from .adapters import get_adapter
 
-    with LayerTap(model, verbalizers.target_layers) as hidden:
-        out = model(**inputs)
-    lm_head = get_adapter(model).lm_head(model)
-    return out, verbalizers(hidden, lm_head, inputs.get("attention_mask"), select)
+    def __init__(self, model, verbalizers: Verbalizers | None = None, layers=None):
+        from .archs import get_adapter
+
+        if verbalizers is None:
+            if layers:
+                raise ConfigError(f"layers {list(layers)} asked for, but the model has no verbalizers")
+            layers = ()
+        elif layers is None:
+            layers = verbalizers.target_layers
+        missing = [k for k in layers if k not in verbalizers.target_layers] if verbalizers is not None else []
+        if missing:
+            raise ConfigError(f"layers {missing} have no verbalizer; kept: {list(verbalizers.target_layers)}")
+        self.model = model
+        self.verbalizers = verbalizers
+        self.layers = tuple(layers)
+        self.adapter = get_adapter(model)
+        self.cache = None
+        self._attends = verbalizers is not None and verbalizers.attends
+        self._history: dict[int, torch.Tensor] = {}
+        self._mask = self._pos = None
+
+    def lm_head(self) -> nn.Module:
+        return self.adapter.lm_head(self.model)
+
+    # ------------------------------------------------------------------ whole sequences
+    def forward(self, inputs: dict, select=None, on_demand: bool = False):
+        """One pass over whole sequences.
+
+        Args:
+            inputs: the model's keyword arguments (no labels).
+            select: optional ``(B, L)`` bool mask of the positions that get logits; the final
+                head then reads the final norm's output there, so the full-vocabulary
+                projection never runs on the other positions.
+            on_demand: return the per-layer logits as a mapping that computes a layer's
+                logits at each access and keeps none (streaming, one layer alive at a time).
+        Returns:
+            ``(final, {layer: logits})``: ``(B, L, V)`` each, or ``(N, V)`` with ``select``.
+        """
+        mask = inputs.get("attention_mask")
+        if select is None:
+            with LayerTap(self.model, self.layers) as hidden:
+                final = self.model(**inputs).logits
+        else:
+            with _FinalNormTap(self.model) as norm, LayerTap(self.model, self.layers) as hidden:
+                self.model(**inputs, logits_to_keep=1)
+            final = self.lm_head()(norm.captured[select])
+        if not self.layers:
+            return final, {}
+        head = self.lm_head()
+        if on_demand:
+            return final, _OnDemand(self.layers, lambda k: self.verbalizers.layer_logits(k, hidden[k], head, mask, select))
+        return final, self.verbalizers(hidden, head, mask, select, layers=self.layers)
+
+    # ------------------------------------------------------------------ decoding
+    def prefill(self, inputs: dict):
+        """Run a (left-padded) prompt batch; -> next-token ``(final (B, V), {layer: (B, V)})``."""
+        self.cache, self._history = None, {}
+        self._mask, self._pos = inputs["attention_mask"], inputs["position_ids"]
+        return self._run(inputs)
+
+    def step(self, tokens: torch.Tensor):
+        """Feed one new token per row (``(B,)`` ids); -> the next-token logits as :meth:`prefill`.
+
+        The new token's position is one past the largest so far (text after the prompt)."""
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        self._pos = self._pos.max(dim=-1, keepdim=True).values + 1
+        return self._run({"input_ids": tokens[:, None], "attention_mask": self._mask, "position_ids": self._pos})
+
+    def _run(self, inputs: dict):
+        with LayerTap(self.model, self.layers) as hidden:
+            out = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.cache
+        per_layer = {}
+        if self.layers:
+            lm_head = self.lm_head()
+            for k in self.layers:
+                head = self.verbalizers.heads[str(k)]
+                if self._attends:
+                    h = hidden[k] if k not in self._history else torch.cat([self._history[k], hidden[k]], dim=1)
+                    self._history[k] = h
+                    per_layer[k] = lm_head(head(h, self._mask)[:, -1])
+                else:
+                    per_layer[k] = lm_head(head(hidden[k][:, -1:])[:, -1])
+        return out.logits[:, -1], per_layer
+
+
+def forward_with_verbalizers(model, verbalizers: Verbalizers | None, select=None, **inputs):
+    """``VerbalizerTap(model, verbalizers).forward(inputs, select)``: final logits and
+    ``{layer: logits}`` (an empty dict without verbalizers)."""
+    return VerbalizerTap(model, verbalizers).forward(inputs, select)

@@ -1,30 +1,29 @@
 """``vlsi export --target gguf``: a checkpoint as llama.cpp files, written with our own code on
 top of the ``gguf`` library, quantised with llama.cpp's own quantiser.
 
-The artifact folder holds ``model-<type>.gguf`` (the language model as llama.cpp's
-``qwen2vl`` architecture: hyper-parameters with ``rope.dimension_sections`` from the M-RoPE
-sections, the tokenizer as ``gpt2`` BPE with the ``qwen2`` pre-tokenizer, every tensor through
-the declarative table in :mod:`vlsi_export.gguf_tables`), ``mmproj-<type>.gguf`` (the vision
-tower and merger as a clip projector, ``qwen2vl_merger`` or ``qwen2.5vl_merger``), with
-``--verbalizers`` a ``verbalizers.gguf`` sidecar holding the heads, the tokenizer/processor
-files, and ``manifest.json`` recording the tensor types actually written (llama.cpp falls
-back to other types where a row width does not fit a block; the manifest says so).
+The artifact folder holds ``model-<type>.gguf`` (the language model as the llama.cpp text
+architecture the model's ``gguf.py`` names, e.g. ``qwen2vl`` with ``rope.dimension_sections``
+from the M-RoPE sections; the tokenizer as ``gpt2`` BPE with the ``qwen2`` pre-tokenizer,
+padded to the embedding's rows; every tensor through the architecture's declarative table),
+``mmproj-<type>.gguf`` (the vision tower and projector as a clip file), with ``--verbalizers``
+a ``verbalizers.gguf`` sidecar holding the heads, the tokenizer/processor files, and
+``manifest.json`` recording the tensor types actually written (llama.cpp falls back to other
+types where a row width does not fit a block; the manifest says so). The architecture's
+parts (tables, hyper-parameters, vision checks) live in ``vlsi/archs/<arch>/gguf.py``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlsi.errors import ConfigError, UnsupportedArchitectureError
 
-from . import register_target
-from .gguf_tables import QWEN2VL_TEXT, QWEN2VL_VISION, TensorTable
-from .onnx_target import COPIED, gate
+from .base import CommonOptions, Target, Written, option, register_target
 
 TEXT_TYPES = ("f32", "f16")
 # llama.cpp's own file types (enum llama_ftype), reached through llama_model_quantize
@@ -63,12 +62,10 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
     return {"tokens": names, "types": kinds, "merges": merges}
 
 
-def check_architecture(ck) -> None:
-    if ck.adapter.name not in ("qwen2_vl", "qwen2_5_vl"):
-        raise UnsupportedArchitectureError(
-            f"the GGUF target writes Qwen2-VL and Qwen2.5-VL (llama.cpp's qwen2vl text model with the "
-            f"qwen2vl_merger / qwen2.5vl_merger projectors); {ck.adapter.name!r} is not supported "
-            "(llama.cpp cannot run LLaVA-OneVision's projector): export it with --target onnx instead")
+def _parts(ck):
+    from vlsi.archs import get_export
+
+    return get_export(ck.adapter.name, "gguf")
 
 
 def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
@@ -78,27 +75,15 @@ def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
     if ftype not in TEXT_TYPES:
         raise ConfigError(f"text type {ftype!r}: the writer produces {', '.join(TEXT_TYPES)}; other types "
                           "come from llama.cpp's quantiser")
-    check_architecture(ck)
+    parts = _parts(ck)
     cfg = ck.model.config
     tc = cfg.get_text_config()
     sizes = ck.adapter.text_sizes(cfg)
-    rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
-    sections = list(rope.get("mrope_section") or [])
-    if len(sections) != 3 or 2 * sum(sections) != sizes.head_dim:
-        raise ConfigError(f"mrope_section {sections} does not split head_dim {sizes.head_dim} in three")
 
-    w = gguf.GGUFWriter(str(dst), "qwen2vl")
+    w = gguf.GGUFWriter(str(dst), parts.text_arch)
     w.add_name(folder.name)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    w.add_context_length(int(tc.max_position_embeddings))
-    w.add_embedding_length(sizes.hidden_size)
-    w.add_block_count(sizes.num_layers)
-    w.add_feed_forward_length(int(tc.intermediate_size))
-    w.add_head_count(sizes.num_heads)
-    w.add_head_count_kv(sizes.num_kv_heads)
-    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(float(tc.rms_norm_eps))
-    w.add_rope_dimension_sections([*sections, 0])
+    parts.text_hparams(w, cfg, sizes)
 
     tok = _tokenizer_metadata(folder, sizes.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -106,11 +91,10 @@ def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
     w.add_token_merges(tok["merges"])
-    t = ck.tokenizer
-    eos = t.token_to_id("<|im_end|>")
-    w.add_eos_token_id(eos)
-    w.add_bos_token_id(t.token_to_id("<|endoftext|>"))
-    w.add_pad_token_id(t.token_to_id("<|endoftext|>"))
+    spec = ck.adapter.spec
+    w.add_eos_token_id(spec.token_id(ck.tokenizer, spec.end_of_turn))
+    w.add_bos_token_id(spec.pad_id(ck.tokenizer))
+    w.add_pad_token_id(spec.pad_id(ck.tokenizer))
     w.add_add_bos_token(False)
     tcfg = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
     template = tcfg.get("chat_template")
@@ -119,7 +103,7 @@ def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
     if template:
         w.add_chat_template(template)
 
-    table = TensorTable(QWEN2VL_TEXT, "qwen2vl text model")
+    table = parts.text_tensors()
     state = ck.model.state_dict()
     tied = bool(getattr(tc, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False))
     written = {}
@@ -135,45 +119,16 @@ def write_text_gguf(ck, folder: Path, dst: Path, ftype: str = "f32") -> dict:
             arr = arr.astype(np.float16)
         w.add_tensor(target, arr)
         written[target] = "F16" if arr.dtype == np.float16 else "F32"
+    _finish(w)
+    return written
+
+
+def _finish(w) -> None:
+    """Header, key-values, tensors, in the order GGUFWriter requires."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return written
-
-
-def _vision_checks(ck) -> dict:
-    """Refuse vision towers llama.cpp's clip would run differently from transformers."""
-    vc = ck.model.config.vision_config
-    problems = []
-    if getattr(vc, "temporal_patch_size", 2) != 2:
-        problems.append(f"temporal_patch_size {vc.temporal_patch_size} (clip runs exactly 2 frames)")
-    if getattr(vc, "spatial_merge_size", 2) != 2:
-        problems.append(f"spatial_merge_size {vc.spatial_merge_size} (clip merges 2x2 patches)")
-    two_five = ck.adapter.name == "qwen2_5_vl"
-    width = int(vc.hidden_size if two_five else vc.embed_dim)
-    inner = int(vc.intermediate_size if two_five else vc.embed_dim * vc.mlp_ratio)
-    heads = int(vc.num_heads)
-    if (width // heads) % 4:
-        problems.append(f"vision head width {width // heads} (clip's 2-D rope needs a multiple of 4)")
-    if inner == width:
-        problems.append(f"vision MLP width {inner} equal to the vision width (clip would take up for down)")
-    act = getattr(vc, "hidden_act", "quick_gelu" if not two_five else "silu")
-    if act not in (("silu",) if two_five else ("quick_gelu",)):
-        problems.append(f"vision activation {act!r} (clip runs quick_gelu for Qwen2-VL, silu for Qwen2.5-VL)")
-    pattern = 0
-    if two_five:
-        if int(getattr(vc, "window_size", 112)) != 112:
-            problems.append(f"window_size {vc.window_size} (clip's window attention is fixed at 112 pixels)")
-        full = list(getattr(vc, "fullatt_block_indexes", []))
-        pattern = full[0] + 1 if full else 0
-        if not full or full != list(range(pattern - 1, int(vc.depth), pattern)):
-            problems.append(f"fullatt_block_indexes {full} (clip needs every n-th block, n = first index + 1)")
-    if problems:
-        raise UnsupportedArchitectureError(
-            "llama.cpp cannot run this vision tower as trained: " + "; ".join(problems)
-            + ". Export it with --target onnx instead")
-    return {"width": width, "inner": inner, "heads": heads, "pattern": pattern}
 
 
 def write_mmproj_gguf(ck, folder: Path, dst: Path, ftype: str = "f16") -> dict:
@@ -187,11 +142,9 @@ def write_mmproj_gguf(ck, folder: Path, dst: Path, ftype: str = "f16") -> dict:
 
     if ftype not in MMPROJ_TYPES:
         raise ConfigError(f"--mmproj-quant {ftype!r} is not one of {', '.join(MMPROJ_TYPES)}")
-    check_architecture(ck)
-    v = _vision_checks(ck)
+    parts = _parts(ck)
     cfg = ck.model.config
     vc = cfg.vision_config
-    two_five = ck.adapter.name == "qwen2_5_vl"
     pre = json.loads((folder / "preprocessor_config.json").read_text())
 
     w = gguf.GGUFWriter(str(dst), "clip")
@@ -199,24 +152,17 @@ def write_mmproj_gguf(ck, folder: Path, dst: Path, ftype: str = "f16") -> dict:
     w.add_name(f"{folder.name} vision projector")
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
-    w.add_string("clip.projector_type", "qwen2.5vl_merger" if two_five else "qwen2vl_merger")
+    w.add_string("clip.projector_type", parts.projector_type)
     w.add_bool("clip.has_vision_encoder", True)
     w.add_uint32("clip.vision.image_size", int(getattr(vc, "image_size", 560) or 560))
     w.add_uint32("clip.vision.patch_size", int(vc.patch_size))
-    w.add_uint32("clip.vision.embedding_length", v["width"])
-    w.add_uint32("clip.vision.feed_forward_length", v["inner"])
     w.add_uint32("clip.vision.projection_dim", int(ck.adapter.text_sizes(cfg).hidden_size))
-    w.add_uint32("clip.vision.block_count", int(vc.depth))
-    w.add_uint32("clip.vision.attention.head_count", v["heads"])
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)  # fixed in transformers' vision blocks
     w.add_array("clip.vision.image_mean", [float(x) for x in pre["image_mean"]])
     w.add_array("clip.vision.image_std", [float(x) for x in pre["image_std"]])
-    w.add_uint32("clip.vision.spatial_merge_size", int(vc.spatial_merge_size))
-    if two_five:
-        w.add_bool("clip.use_silu", True)
-        w.add_uint32("clip.vision.n_wa_pattern", v["pattern"])
+    parts.vision_hparams(w, cfg)  # refuses towers clip would run differently
 
-    table = TensorTable(QWEN2VL_VISION, "qwen2vl vision projector")
+    table = parts.vision_tensors()
     types, fallbacks = {}, []
     for name, tensor in ck.model.state_dict().items():
         try:
@@ -246,10 +192,7 @@ def write_mmproj_gguf(ck, folder: Path, dst: Path, ftype: str = "f16") -> dict:
     for need in ("mm.0.weight", "mm.2.weight", "v.patch_embd.weight"):
         if need not in types:
             raise UnsupportedArchitectureError(f"{folder}: the vision projector has no {need}; not a Qwen2-VL merger")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return {"types": types, "fallbacks": fallbacks}
 
 
@@ -270,10 +213,7 @@ def write_verbalizers_gguf(ck, dst: Path) -> list[int]:
     w.add_string("vlsi.verbalizers.eps", json.dumps(eps))
     for name, tensor in verb.state_dict().items():
         w.add_tensor(name, tensor.detach().float().cpu().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return list(verb.target_layers)
 
 
@@ -285,7 +225,7 @@ def quantize_text(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
         import llama_cpp
     except ImportError:
         raise ConfigError("quantising a GGUF needs llama-cpp-python: pip install 'vlsi[gguf]'") from None
-    from vlsi_runtimes.llama_backend import quiet_logs
+    from vlsi.llama_cpp import quiet_logs
 
     quiet_logs()
     llama_cpp.llama_backend_init()
@@ -320,55 +260,33 @@ def _fallbacks(quant: str, types: dict) -> list[str]:
             if kind not in expect and not (kind == "F32" and (name.endswith(".bias") or name.endswith("norm.weight")))]
 
 
-def image_token_limits(folder: Path) -> dict:
-    """Image token bounds from the processor config, for mtmd's image_min/max_tokens (so
-    llama.cpp resizes images to the sizes the model was trained on)."""
-    pre = json.loads((folder / "preprocessor_config.json").read_text())
-    size = pre.get("size") or {}
-    lo = size.get("shortest_edge", pre.get("min_pixels", 56 * 56))
-    hi = size.get("longest_edge", pre.get("max_pixels", 28 * 28 * 1280))
-    unit = (int(pre.get("patch_size", 14)) * int(pre.get("merge_size", 2))) ** 2
-    return {"image_min_tokens": max(1, int(lo) // unit), "image_max_tokens": max(1, int(hi) // unit)}
+@dataclass(frozen=True)
+class GgufOptions(CommonOptions):
+    quant: str = option("f16", "Text model type (q8_0 ... q6_k: llama.cpp's own quantiser).", GGUF_TYPES)
+    mmproj_quant: str = option("f16", "Vision projector type.", MMPROJ_TYPES)
+    threads: int = option(0, "Threads of llama.cpp's quantiser (0: its default).")
 
 
-@register_target("gguf")
-def export_gguf(model, out, quant: str | None = None, mmproj_quant: str = "f16", verbalizers: bool = False,
-                overwrite: bool = False, validate: bool = True, data=None, parity_samples: int = 16,
-                threads: int = 0, **ignored) -> Path:
-    """Export a checkpoint to a llama.cpp artifact folder (see the module docstring).
+@register_target
+class GgufTarget(Target):
+    name = "gguf"
+    Options = GgufOptions
+    tools = ("gguf", "llama_cpp_python")
 
-    As with ONNX, the folder appears only after it passed parity (unless ``validate=False``)."""
-    from vlsi.atomic import atomic_dir
-    from vlsi.checkpoint import load_checkpoint
-    from vlsi.manifest import folder_hash, tool_versions, write_manifest
+    def write(self, ck, tmp, opts, model_block):
+        from vlsi.manifest import Graph
 
-    quant = quant or "f16"
-    if quant not in GGUF_TYPES:
-        raise ConfigError(f"--quant {quant!r} is not a GGUF type; choose one of {', '.join(GGUF_TYPES)}")
-    if mmproj_quant not in MMPROJ_TYPES:
-        raise ConfigError(f"--mmproj-quant {mmproj_quant!r} is not one of {', '.join(MMPROJ_TYPES)}")
-    folder = Path(model)
-    ck = load_checkpoint(folder)
-    check_architecture(ck)
-    if verbalizers and ck.verbalizers is None:
-        raise ConfigError(f"--verbalizers: {model} has no verbalizer heads (train them with the verbalize stage)")
-    out = Path(out)
-    sizes = ck.adapter.text_sizes(ck.model.config)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+        folder, quant = Path(ck.path), opts.quant
         text = tmp / f"model-{quant}.gguf"
         if quant in TEXT_TYPES:
             write_text_gguf(ck, folder, text, quant)
         else:
             raw = tmp / "model-f32.gguf.tmp"
             write_text_gguf(ck, folder, raw, "f32")
-            quantize_text(raw, text, quant, threads)
+            quantize_text(raw, text, quant, opts.threads)
             raw.unlink()
-        mmproj = tmp / f"mmproj-{mmproj_quant}.gguf"
-        vis = write_mmproj_gguf(ck, folder, mmproj, mmproj_quant)
-        kept = write_verbalizers_gguf(ck, tmp / "verbalizers.gguf") if verbalizers else []
-        for name in COPIED:
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
+        mmproj = tmp / f"mmproj-{opts.mmproj_quant}.gguf"
+        vis = write_mmproj_gguf(ck, folder, mmproj, opts.mmproj_quant)
         written = written_types(text)
         fallbacks = _fallbacks(quant, written["tensors"])
         if fallbacks:
@@ -376,27 +294,17 @@ def export_gguf(model, out, quant: str | None = None, mmproj_quant: str = "f16",
 
             warnings.warn(f"{quant}: llama.cpp wrote {len(fallbacks)} tensors in another type (rows that do not fit "
                           f"its blocks), e.g. {fallbacks[0]}; the manifest lists them all", stacklevel=2)
-        cfg = ck.model.config
-        manifest = {
-            "target": "gguf",
-            "precision": quant,
-            "source": {"path": str(folder.resolve()), "sha256": folder_hash(folder)},
-            "text": {"file": text.name, "requested": quant, "types": written["counts"],
-                     "bits_per_weight": written["bits_per_weight"], "fallbacks": fallbacks,
-                     "tensor_types": written["tensors"]},
-            "mmproj": {"file": mmproj.name, "requested": mmproj_quant, "types": dict(Counter(vis["types"].values())),
-                       "fallbacks": vis["fallbacks"]},
-            "verbalizers": kept,
-            "verbalizer_file": "verbalizers.gguf" if kept else None,
-            "eos_token_ids": [ck.tokenizer.token_to_id("<|im_end|>"), ck.tokenizer.token_to_id("<|endoftext|>")],
-            "model": {
-                "arch": ck.adapter.name, "num_layers": sizes.num_layers, "hidden_size": sizes.hidden_size,
-                "vocab_size": sizes.vocab_size, "image_token_id": int(cfg.image_token_id),
-                "spatial_merge_size": int(cfg.vision_config.spatial_merge_size), **image_token_limits(folder),
-            },
-            "tools": tool_versions(("vlsi", "torch", "transformers", "gguf", "llama_cpp_python")),
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        graphs = {
+            "text": Graph(text.name, quant, details={
+                "types": written["counts"], "bits_per_weight": written["bits_per_weight"],
+                "fallbacks": fallbacks, "tensor_types": written["tensors"]}),
+            "mmproj": Graph(mmproj.name, opts.mmproj_quant, details={
+                "types": dict(Counter(vis["types"].values())), "fallbacks": vis["fallbacks"],
+                **_parts(ck).image_token_limits(pre)}),
         }
-        write_manifest(tmp, manifest)
-        if validate:
-            gate(tmp, out, folder, manifest, data, parity_samples)
-    return out
+        if opts.verbalizers:
+            write_verbalizers_gguf(ck, tmp / "verbalizers.gguf")
+            graphs["verbalizers"] = Graph("verbalizers.gguf", "f32")
+        return Written(precision=quant, graphs=graphs, quantization={"text": quant, "mmproj": opts.mmproj_quant})
+

@@ -6,15 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vlsi.adapters import get_adapter
+from vlsi.archs import get_adapter
 from vlsi.checkpoint import Checkpoint, load_checkpoint
 from vlsi.errors import ConfigError
 from vlsi.verbalizer import VerbalizerConfig, Verbalizers, parse_target_layers
 
 from .config import TrainConfig
-
-# LoRA goes on the language model's projections only (the paper's "LoRA on the LLM").
-LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
 def load_student(cfg: TrainConfig, device) -> Checkpoint:
@@ -81,7 +78,7 @@ def add_lora(model, cfg: TrainConfig):
     except ImportError:
         raise ConfigError("lora.enabled=true needs peft: pip install 'vlsi[train]'") from None
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=LORA_TARGETS, bias="none")
+                      target_modules=get_adapter(model).lora_targets, bias="none")
     return get_peft_model(model, lcfg)
 
 

@@ -68,3 +68,29 @@ def run(path: str | Path | None = None, overrides: list[str] | None = None, resu
             continue
         done.append(train(cfg, resume=resume))
     return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vlsi_train.pipeline [--config FILE] [--resume] [key=value ...]``: what
+    ``vlsi train run`` does, without the command line around it (what torchrun launches in
+    each process, so that training never starts the CLI)."""
+    import argparse
+    import sys
+
+    from vlsi.errors import VLsIError
+
+    ap = argparse.ArgumentParser(prog="python -m vlsi_train.pipeline", description=main.__doc__)
+    ap.add_argument("--config", default=None, help="YAML file: one stage's keys, or a pipeline.")
+    ap.add_argument("--resume", action="store_true", help="Continue from each stage's last saved state.")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides (dotted for nested keys).")
+    args = ap.parse_args(argv)
+    try:
+        for path in run(args.config, args.overrides, resume=args.resume):
+            print(f"wrote {path}")
+    except VLsIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

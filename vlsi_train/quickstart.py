@@ -121,7 +121,7 @@ def _torchrun(cfg, procs: int) -> Path:
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(json.loads(json.dumps({**asdict(cfg), "threads": 1})), f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "vlsi.cli", "train", "run", "--config", cfg_file]
+           "-m", "vlsi_train.pipeline", "--config", cfg_file]
     try:
         res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     finally:

@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlsi.adapters import get_adapter
+from vlsi.archs import get_adapter
 from vlsi.checkpoint import save_checkpoint
 from vlsi.data.encode import IGNORE_INDEX, Encoder
 from vlsi.data.loaders import load_records
 from vlsi.errors import ConfigError, VLsIError
-from vlsi.verbalizer import LayerTap
+from vlsi.verbalizer import VerbalizerTap
 
 from . import plots
 from .config import TrainConfig
 from .data import BatchPlan
 from .matching import match_layers
-from .models import FinalTap, add_lora, check_pair, ensure_verbalizers, load_student
+from .models import add_lora, check_pair, ensure_verbalizers, load_student
 from .state import load_state, run_dir, save_state
 
 
@@ -44,12 +44,7 @@ class StudentForward(nn.Module):
     def forward(self, inputs: dict, select: torch.Tensor, with_verbalizers: bool):
         """-> final ``(N, V)`` logits and ``{layer: (N, V)}`` verbalizer logits (N = select.sum())."""
         layers = self.verbalizers.target_layers if with_verbalizers else ()
-        with FinalTap(self.model) as ft, LayerTap(self.model, layers) as hidden:
-            self.model(**inputs, logits_to_keep=1)
-        head = get_adapter(self.model).lm_head(self.model)
-        final = head(ft.captured[select])
-        vl = self.verbalizers(hidden, head, inputs.get("attention_mask"), select) if with_verbalizers else {}
-        return final, vl
+        return VerbalizerTap(self.model, self.verbalizers, layers).forward(inputs, select)
 
 
 def _answer_select(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,16 +212,12 @@ class Trainer:
             raise VLsIError("teacher and student encode the answers to different lengths; they must share a tokenizer")
         tv = self.teacher.verbalizers
         tlayers = tv.target_layers
-        with torch.no_grad(), FinalTap(self.teacher.model) as ft, LayerTap(self.teacher.model, tlayers) as th:
-            self.teacher.model(**tb, logits_to_keep=1)
-            thead = get_adapter(self.teacher.model).lm_head(self.teacher.model)
-            t_final = thead(ft.captured[tsel])
-        mask = tb.get("attention_mask")
+        with torch.no_grad():
+            t_final, t_layers = VerbalizerTap(self.teacher.model, tv).forward(tb, tsel, on_demand=True)
 
         def teacher_logits(j):  # streamed: one teacher layer's distribution at a time
             with torch.no_grad():
-                layer = tlayers[j]
-                return thead(tv.heads[str(layer)](th[layer], mask)[tsel])
+                return t_layers[tlayers[j]]
 
         from .losses import distill_loss
 

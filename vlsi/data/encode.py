@@ -14,8 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 from .records import LoadReport, Record
-
-from ..chat import DEFAULT_SYSTEM, IGNORE_INDEX  # noqa: F401  (re-exported)
+from ..chat import DEFAULT_SYSTEM, IGNORE_INDEX
 
 
 @dataclass
@@ -39,9 +38,10 @@ class Encoder:
         self.config = config
         self.max_length = max_length
         self.system_prompt = system_prompt
-        self.image_token_id = tokenizer.token_to_id(adapter.image_token)
-        self.pad_id = tokenizer.token_to_id("<|endoftext|>")
-        self.eos_ids = [tokenizer.token_to_id("<|im_end|>"), self.pad_id]
+        spec = adapter.spec
+        self.image_token_id = spec.token_id(tokenizer, spec.image_token)
+        self.pad_id = spec.pad_id(tokenizer)
+        self.eos_ids = spec.eos_ids(tokenizer)
 
     def text_ids(self, text: str) -> list[int]:
         from ..chat import text_ids
@@ -52,7 +52,7 @@ class Encoder:
         """Encode a record. ``for_generation`` drops the last assistant turn and ends with the
         assistant header, ready for decoding."""
         from ..chat import chat_ids
-        from .loaders import ensure_rgb
+        from ..images import ensure_rgb
 
         ids, labels = chat_ids(self.tok, record.turns, self.adapter.image_marker, for_generation, self.system_prompt)
         processed = None
@@ -71,7 +71,7 @@ class Encoder:
     def _expand_images(self, record, ids, labels, processed):
         from ..chat import expand_images
 
-        counts = [self.adapter.num_image_tokens(processed, n) for n in range(len(record.images))]
+        counts = self.adapter.image_token_counts(self.config, self.proc, processed)
         try:
             return expand_images(ids, labels, self.image_token_id, counts)
         except ValueError as e:

@@ -47,11 +47,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from vlsi.data.records import IMAGE_PLACEHOLDER, ROLES, ImageRef, LoadReport, Record, Turn
 from vlsi.errors import DataError
+from vlsi.images import ensure_rgb
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -88,7 +88,6 @@ _TSV_REQUIRED = ("index", "image", "question", "answer")
 _TSV_LETTERS = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
 #: VLMEvalKit stores a repeated image once; other rows hold that row's index (<= 64 chars).
 _TSV_IMAGE_REF_MAX = 64
-_WHITE = (255, 255, 255)
 
 
 # --------------------------------------------------------------------------- public API
@@ -257,33 +256,6 @@ def read_vlmeval_tsv(
     for i, r in enumerate(data):
         ld.add(i, _tsv_record, ld, _Ctx(ld, i), header, col, letters, r, images_by_index)
     return ld.finish(len(data))
-
-
-def ensure_rgb(image_ref: ImageRef | str, *, source=None, record=None) -> Image.Image:
-    """Open an image (a path or the encoded bytes of an image file) as an RGB ``PIL`` image.
-
-    * The EXIF orientation is applied (as ``transformers.image_utils.load_image`` does), so the
-      image is the way a person viewing it saw it.
-    * Transparency (RGBA, LA, PA, palette or grey with a transparent colour) is composited
-      onto **white**, as most image processors do; grey, palette, CMYK, ... are converted.
-    * 16-bit grey is scaled to 8 bits (divided by 257); float images are clipped to 0..255.
-
-    ``source``/``record`` only label the :class:`DataError` raised when the image is missing,
-    corrupt or of an unconvertible mode.
-    """
-    where = source if source is not None else (
-        str(image_ref) if isinstance(image_ref, (str, os.PathLike)) else "<image bytes>"
-    )
-    im = _decode(image_ref, where, record)
-    try:
-        im = ImageOps.exif_transpose(im) or im
-        return _to_rgb(im)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(
-            where, record, f"cannot convert the image (mode {im.mode}) to RGB: {type(e).__name__}: {e}"
-        ) from None
 
 
 # --------------------------------------------------------------------------- machinery
@@ -773,51 +745,6 @@ def _b64decode(ctx: _Ctx, k: int, s: str) -> bytes:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError) as e:
         ctx.fail(f"image {k}: invalid base64 ({e}); expected the base64 of an image file")
-
-
-def _decode(image_ref, where, record) -> Image.Image:
-    try:
-        if isinstance(image_ref, (bytes, bytearray, memoryview)):
-            data = bytes(image_ref)
-        elif isinstance(image_ref, (str, os.PathLike)):
-            data = Path(image_ref).read_bytes()
-        else:
-            raise DataError(
-                where, record, f"expected an image path or image bytes, got {type(image_ref).__name__}"
-            )
-        im = Image.open(io.BytesIO(data))
-        im.load()
-        return im
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(
-            where, record, f"image file not found: {os.path.abspath(image_ref)}"
-        ) from None
-    except Exception as e:
-        raise DataError(
-            where, record, f"cannot decode the image, it is corrupt or not an image: "
-            f"{type(e).__name__}: {e}"
-        ) from None
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode == "RGB":
-        return im
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if im.mode.startswith("I") or im.mode == "F":
-        arr = np.asarray(im)
-        if arr.dtype == np.uint16 or im.mode.startswith("I;16") or (
-            im.mode == "I" and arr.size and arr.max() > 255
-        ):
-            arr = arr.astype(np.float64) / 257.0
-        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-        has_alpha = False
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def _json_type(v: Any) -> str:

@@ -14,7 +14,8 @@ from typing import Union
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 
-#: An image is a file path, or the encoded bytes of an image file (TSV / Parquet rows).
+#: An image is a file path, or the encoded bytes of an image file (TSV / Parquet rows); a
+#: runtime's prompt may also hold an already checked PIL image.
 ImageRef = Union[Path, bytes]
 
 

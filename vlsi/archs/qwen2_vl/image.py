@@ -15,25 +15,16 @@ feed the vision tower exactly what training fed it. This module re-implements th
    flattened to ``(num_patches, C * temporal_patch_size * patch_size**2)`` = ``(N, 1176)``.
 
 The arithmetic is done in the same dtypes and order as transformers, so the output is
-bit-identical to it (the tests check max-abs error <= 1e-6; in practice it is 0).
-
-Input hygiene lives here too: :func:`load_image` and :func:`validate_image` turn bytes, paths
-or PIL images into RGB images, refusing undecodable data, decompression bombs (checked on the
-header, before any pixel is decoded) and shapes ``smart_resize`` cannot take (aspect ratio
-over 200), each with an :class:`ImageError` that says what to do. Decoding and RGB conversion
-reuse :func:`vlsi.data.loaders.ensure_rgb`, so an image read at the edge becomes the same RGB
-pixels as the same file read by the training data loaders.
-
-Nothing here imports torch or transformers (a test proves it in a subprocess).
+bit-identical to it (the tests check max-abs error <= 1e-6; in practice it is 0). Qwen2.5-VL
+uses the same processor. Decoding, EXIF orientation and the size guards are
+:mod:`vlsi.images`'s; :meth:`Qwen2VLImageSpec.check_size` is the part of them that is Qwen2-VL's.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,38 +33,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vlsi.data.loaders import _to_rgb, ensure_rgb
-from vlsi.errors import ConfigError, DataError, VLsIError
+from vlsi.errors import ConfigError
+from vlsi.images import ImageError, to_rgb_like_transformers
 
-__all__ = [
-    "DEFAULT_MAX_INPUT_PIXELS",
-    "MAX_ASPECT_RATIO",
-    "ImageError",
-    "Qwen2VLImageSpec",
-    "grid_thw_for_size",
-    "load_image",
-    "num_image_tokens",
-    "preprocess_images",
-    "smart_resize",
-    "validate_image",
-]
-
-#: Default decompression-bomb guard: images with more pixels than this are refused unread.
-DEFAULT_MAX_INPUT_PIXELS = 50_000_000
 #: ``smart_resize`` (and so transformers) refuses images whose long side / short side exceeds this.
 MAX_ASPECT_RATIO = 200
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageSource = bytes | bytearray | memoryview | str | os.PathLike | Image.Image
-
-
-class ImageError(VLsIError, ValueError):
-    """An input image is unusable: undecodable, too large, or of a shape the model cannot take."""
-
-
-# --------------------------------------------------------------------------- spec
 
 
 @dataclass(frozen=True)
@@ -140,9 +108,13 @@ class Qwen2VLImageSpec:
         """Both sides of a resized image are multiples of this (``patch_size * merge_size``)."""
         return self.patch_size * self.merge_size
 
-    def patch_dim(self, channels: int = 3) -> int:
-        """Length of one row of ``pixel_values``: ``C * temporal_patch_size * patch_size**2``."""
-        return channels * self.temporal_patch_size * self.patch_size**2
+    def check_size(self, height: int, width: int) -> None:
+        """Raise :class:`~vlsi.images.ImageError` for a size this processor cannot take."""
+        _target_size(height, width, self)
+
+    def resize(self, im: Image.Image) -> Image.Image:
+        """RGB conversion and resize exactly as the processor does them (see :func:`resize_for_spec`)."""
+        return resize_for_spec(im, self)
 
     @classmethod
     def from_preprocessor_config(cls, path_or_dict: str | os.PathLike | dict) -> Qwen2VLImageSpec:
@@ -208,6 +180,7 @@ class Qwen2VLImageSpec:
             raise ConfigError(f"{where}: {e}") from None
 
 
+
 # --------------------------------------------------------------------------- geometry
 
 
@@ -261,13 +234,6 @@ def _target_size(height: int, width: int, spec: Qwen2VLImageSpec) -> tuple[int, 
     return height, width
 
 
-def grid_thw_for_size(height: int, width: int, spec: Qwen2VLImageSpec | None = None) -> tuple[int, int, int]:
-    """The ``image_grid_thw`` row an image of this size gets, without touching pixels."""
-    spec = spec or Qwen2VLImageSpec()
-    h, w = _target_size(height, width, spec)
-    return 1, h // spec.patch_size, w // spec.patch_size
-
-
 def num_image_tokens(grid_thw_row: Sequence[int], merge_size: int = 2) -> int:
     """How many ``<|image_pad|>`` tokens an image with this ``(t, h, w)`` grid takes in the prompt."""
     t, h, w = (int(x) for x in grid_thw_row)
@@ -278,21 +244,6 @@ def num_image_tokens(grid_thw_row: Sequence[int], merge_size: int = 2) -> int:
         )
     return t * h * w // (merge_size * merge_size)
 
-
-# --------------------------------------------------------------------------- pixels
-
-
-def _to_rgb_like_transformers(im: Image.Image) -> Image.Image:
-    """RGB conversion as transformers' image processors do it (``do_convert_rgb``).
-
-    An image with an alpha band, or with a ``transparency`` entry (palette, grey or RGB with a
-    tRNS chunk), is composited onto opaque white; anything else is ``convert("RGB")``.
-    """
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def _patchify(chw: np.ndarray, spec: Qwen2VLImageSpec) -> np.ndarray:
@@ -313,7 +264,7 @@ def resize_for_spec(im: Image.Image, spec: Qwen2VLImageSpec) -> Image.Image:
     """RGB conversion and resize exactly as the processor does them, before any arithmetic
     (runtimes that take 8-bit images, like llama.cpp's mtmd, get the pixels the model sees)."""
     if spec.do_convert_rgb:
-        im = _to_rgb_like_transformers(im)
+        im = to_rgb_like_transformers(im)
     elif im.mode not in ("RGB", "L"):
         raise ImageError(
             f"image mode {im.mode!r} needs converting but the spec has do_convert_rgb=False; "
@@ -363,7 +314,7 @@ def preprocess_images(
     patch_size**2)``, the images' patches one after the other; ``image_grid_thw`` is int64
     ``(n_images, 3)`` with rows ``(1, h, w)`` in patches. Images are used as given (no EXIF
     rotation; 16-bit grey is converted the way Pillow does it): pass them through
-    :func:`load_image` / :func:`validate_image` first to get the training loaders' conversion
+    :func:`vlsi.images.load_image` / :func:`vlsi.images.validate_image` first to get the training loaders' conversion
     and the size guards.
     """
     spec = spec or Qwen2VLImageSpec()
@@ -377,7 +328,7 @@ def preprocess_images(
         if not isinstance(im, Image.Image):
             raise ImageError(
                 f"image {i} is a {type(im).__name__}, expected a PIL.Image.Image; "
-                f"use load_image() for bytes and paths"
+                f"use vlsi.images.load_image() for bytes and paths"
             )
         try:
             p, g = _one_image(im, spec)
@@ -388,116 +339,3 @@ def preprocess_images(
         patches.append(p)
         grids.append(g)
     return np.concatenate(patches, axis=0), np.asarray(grids, dtype=np.int64)
-
-
-# --------------------------------------------------------------------------- input hygiene
-
-
-_PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
-
-
-def _check_geometry(width: int, height: int, spec: Qwen2VLImageSpec, max_input_pixels: int, where: str,
-                    decoded: bool) -> None:
-    if width < 1 or height < 1:
-        raise ImageError(f"{where}: image has no pixels ({width}x{height}, width x height)")
-    if max_input_pixels is not None and width * height > max_input_pixels:
-        unread = "" if decoded else "; it was not decoded"
-        raise ImageError(
-            f"{where}: image is {width}x{height} = {width * height} pixels, more than "
-            f"max_input_pixels={max_input_pixels} ({max_input_pixels / 1e6:g} megapixels, a "
-            f"decompression-bomb guard){unread}. Downscale it before sending it, or pass a larger "
-            f"max_input_pixels if the source is trusted"
-        )
-    try:
-        _target_size(height, width, spec)
-    except ImageError as e:
-        raise ImageError(f"{where}: {e}") from None
-
-
-def _from_bytes(data: bytes, spec: Qwen2VLImageSpec, max_input_pixels: int, where: str) -> Image.Image:
-    try:
-        head = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:
-        m = _PIL_PIXELS.search(str(e))
-        n = int(m.group(1)) if m else None
-        if n is not None and n > max_input_pixels:
-            limit = f"max_input_pixels={max_input_pixels} ({max_input_pixels / 1e6:g} megapixels)"
-        else:  # the caller allowed more than Pillow's own guard does
-            limit = f"Pillow's limit Image.MAX_IMAGE_PIXELS * 2 = {2 * (Image.MAX_IMAGE_PIXELS or 0)}"
-        raise ImageError(
-            f"{where}: image header says {n if n is not None else 'too many'} pixels, more than "
-            f"{limit}, a decompression-bomb guard; it was not decoded. Downscale it before sending it"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
-        raise ImageError(
-            f"{where}: cannot decode the image, it is corrupt or not an image file "
-            f"({type(e).__name__}: {e}); send a PNG, JPEG, WebP, GIF, BMP or TIFF file"
-        ) from None
-    with head:
-        width, height = head.size
-    _check_geometry(width, height, spec, max_input_pixels, where, decoded=False)
-    try:
-        im = ensure_rgb(data, source=where)
-    except DataError as e:
-        raise ImageError(f"{e}; send a complete PNG, JPEG, WebP, GIF, BMP or TIFF file") from None
-    # EXIF rotation may swap the sides: check the do_resize=False divisibility on the result
-    _check_geometry(im.width, im.height, spec, None, where, decoded=True)
-    return im
-
-
-def validate_image(
-    image: Image.Image | bytes | bytearray | memoryview,
-    spec: Qwen2VLImageSpec | None = None,
-    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-    *,
-    source: str | None = None,
-) -> Image.Image:
-    """Check an image and return it as RGB, ready for :func:`preprocess_images`.
-
-    ``image`` is a PIL image or the bytes of an image file. Bytes are decoded only after the
-    header's size passed the ``max_input_pixels`` guard, then converted by
-    :func:`vlsi.data.loaders.ensure_rgb` (EXIF rotation applied, transparency composited onto
-    white, 16-bit grey scaled to 8 bits). A PIL image is converted the same way, without EXIF
-    rotation (its pixels are taken as given). Raises :class:`ImageError` for undecodable data,
-    more than ``max_input_pixels`` pixels, an empty image, an aspect ratio over 200, or (with
-    ``do_resize=False``) sides that are not multiples of ``patch_size * merge_size``.
-    ``source`` names the image in messages.
-    """
-    spec = spec or Qwen2VLImageSpec()
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _from_bytes(bytes(image), spec, max_input_pixels, source or "<image bytes>")
-    if not isinstance(image, Image.Image):
-        raise ImageError(
-            f"{source or '<image>'}: expected a PIL image or image file bytes, got {type(image).__name__}"
-        )
-    where = source or f"<{image.mode} image {image.width}x{image.height}>"
-    _check_geometry(image.width, image.height, spec, max_input_pixels, where, decoded=True)
-    try:
-        image.load()  # a lazily opened image is decoded here, so a truncated file fails now
-        return _to_rgb(image)
-    except Exception as e:  # noqa: BLE001 - OSError (truncated), ValueError, ...
-        raise ImageError(
-            f"{where}: cannot decode or convert the image (mode {image.mode}) to RGB: {type(e).__name__}: {e}"
-        ) from None
-
-
-def load_image(
-    src: ImageSource,
-    spec: Qwen2VLImageSpec | None = None,
-    *,
-    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-) -> Image.Image:
-    """Open an image (file path, file bytes or PIL image) as a checked RGB PIL image.
-
-    Paths are read once into memory, then handled like bytes by :func:`validate_image`.
-    """
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src).expanduser()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"image file not found: {path.absolute()}") from None
-        except OSError as e:
-            raise ImageError(f"{path}: cannot read the image file: {type(e).__name__}: {e}") from None
-        return validate_image(data, spec, max_input_pixels, source=str(path))
-    return validate_image(src, spec, max_input_pixels)

@@ -1,56 +1,29 @@
-"""ONNX-friendly wrappers of Qwen2-VL's three parts: vision encoder, token embedding, decoder.
+"""What the ONNX target needs from every architecture, and the parts they share.
 
-The stock vision tower splits its attention by image with data-dependent slicing
-(``cu_seqlens``), which dynamo cannot trace and the legacy exporter freezes to one image
-size. Here the per-patch rotary positions and an image index per patch are computed outside
-the graph (numpy, ``vision_inputs``) and passed in; attention is masked to patches of the same
-image, so one graph serves any number of images of any size.
+An architecture's ``onnx.py`` subclasses :class:`OnnxGraphs` and supplies its vision graph
+(:meth:`OnnxGraphs.vision`). The token embedding and the text decoder with its explicit KV
+cache are the same for every architecture here (all have a Qwen2 decoder), so they live in
+this file. Graphs are exported in fp32; the target quantises them afterwards. Each graph's
+input and output names are returned to the target, which writes them into the manifest;
+runtimes read outputs by those names.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vlsi.mrope import vision_inputs  # noqa: F401  (re-exported for the exporter)
+OPSET = 23
+"""Opset 23 has RMSNormalization and Attention: about 30% fewer nodes per decode step than
+opset 20's decomposed norm and softmax, which matters when a token takes a few ms."""
 
 
-def _rotate_half(x):
+def rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
-
-
-class VisionEncoder(nn.Module):
-    """``pixel_values (N, C*T*P*P), positions (N, 2), image_index (N,) -> image embeds (N / m^2, D)``."""
-
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-        cfg = visual.config
-        self.heads = cfg.num_heads
-        self.head_dim = cfg.embed_dim // cfg.num_heads
-        self.register_buffer("inv_freq", visual.rotary_pos_emb.inv_freq.detach().clone(), persistent=False)
-
-    def forward(self, pixel_values, positions, image_index):
-        x = self.visual.patch_embed(pixel_values)  # (N, E)
-        freqs = positions[..., None].float() * self.inv_freq  # (N, 2, F)
-        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (N, head_dim)
-        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-        same = image_index[:, None] == image_index[None, :]  # (N, N): attend within an image only
-        n = x.shape[0]
-        for blk in self.visual.blocks:
-            h = blk.norm1(x)
-            q, k, v = blk.attn.qkv(h).reshape(n, 3, self.heads, self.head_dim).unbind(1)  # (N, H, d) each
-            q = q.float() * cos + _rotate_half(q.float()) * sin
-            k = k.float() * cos + _rotate_half(k.float()) * sin
-            a = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                               v.transpose(0, 1)[None].float(), attn_mask=same[None, None])
-            a = a[0].transpose(0, 1).reshape(n, -1).to(x.dtype)
-            x = x + blk.attn.proj(a)
-            x = x + blk.mlp(blk.norm2(x))
-        return self.visual.merger(x)
 
 
 class TokenEmbedding(nn.Module):
@@ -67,7 +40,7 @@ class TokenEmbedding(nn.Module):
 class Decoder(nn.Module):
     """The text decoder with an explicit KV cache, as ONNX Runtime GenAI splits it.
 
-    ``inputs_embeds (B, L, D), attention_mask (B, P+L), position_ids (3, B, L), past_key_0,
+    ``inputs_embeds (B, L, D), attention_mask (B, P+L), position_ids (A, B, L), past_key_0,
     past_value_0, ... (B, kvH, P, hd)`` -> ``logits (B, V)`` for the last position, one
     ``(B, V)`` logits output per kept verbalizer layer, then ``present_key_i, present_value_i``.
 
@@ -78,11 +51,12 @@ class Decoder(nn.Module):
     node (no repeated K/V). At a few milliseconds per token, node count is speed.
     """
 
-    def __init__(self, model, verbalizers=None):
+    def __init__(self, model, verbalizers=None, position_axes: int = 3):
         super().__init__()
-        from vlsi.adapters import get_adapter
+        from . import get_adapter
 
         self.adapter = get_adapter(model)
+        self.position_axes = position_axes
         self.lm = self.adapter.language_model(model)
         self.head = self.adapter.lm_head(model)
         self.verbalizers = verbalizers
@@ -108,7 +82,10 @@ class Decoder(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         b, length = inputs_embeds.shape[0], inputs_embeds.shape[1]
         nh, kvh, hd = self.n_heads, self.kv_heads, self.head_dim
-        cos, sin = self.lm.rotary_emb(inputs_embeds, position_ids)  # (B, L, hd), M-RoPE sections merged
+        # A = 3 for M-RoPE (its sections are merged by the rotary module), 1 for 1-D RoPE,
+        # which transformers' rotary module takes as (B, L)
+        pos = position_ids if self.position_axes == 3 else position_ids[0]
+        cos, sin = self.lm.rotary_emb(inputs_embeds, pos)  # (B, L, hd)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         total = attention_mask.shape[1]
         keys = torch.arange(total, device=inputs_embeds.device)
@@ -123,8 +100,8 @@ class Decoder(nn.Module):
             q = q.view(b, length, nh, hd).transpose(1, 2)
             k = k.view(b, length, kvh, hd).transpose(1, 2)
             v = v.view(b, length, kvh, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
@@ -146,3 +123,66 @@ class Decoder(nn.Module):
         outs = ["logits", *[f"verbalizer_logits_{k}" for k in layers],
                 *[f"present_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value")]]
         return ["inputs_embeds", "attention_mask", "position_ids", *past], outs
+
+
+class OnnxGraphs:
+    """The ONNX export of one architecture: three graphs, each with its example inputs,
+    dynamic shapes and I/O names kept next to the module that is exported."""
+
+    def vision(self, ck, model_block: dict) -> nn.Module:
+        """The vision graph's module: ``(*inputs named by the spec's vision feeds) -> image_embeds``."""
+        raise NotImplementedError
+
+    def vision_example(self, ck, model_block: dict) -> dict[str, np.ndarray]:
+        """Example vision inputs by name (the spec's own preprocessing of a grey image), in
+        the module's argument order."""
+        from PIL import Image
+
+        from . import get_spec
+
+        spec = get_spec(ck.adapter.name)
+        image = Image.new("RGB", self.example_image_size, (122, 117, 104))
+        return spec.prepare_images([image], spec.image_spec(ck.path), model_block).feeds
+
+    example_image_size = (56, 56)
+    """Width, height of the example image the vision graph is traced with."""
+
+    def vision_dynamic_shapes(self, names: list[str]) -> dict:
+        """Every vision input varies along its first axis (patches, tiles or tokens)."""
+        return {n: {0: torch.export.Dim.DYNAMIC} for n in names}
+
+    def export(self, ck, verbalizers, folder: Path, model_block: dict) -> dict[str, dict]:
+        """Write ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` (fp32) into ``folder``;
+        returns ``{graph: {"inputs": [...], "outputs": [...]}}``."""
+        dyn = torch.export.Dim.DYNAMIC
+        model = ck.model.eval()
+        sizes = ck.adapter.text_sizes(model.config)
+        quiet = {"dynamo": True, "verbose": False, "opset_version": OPSET}
+        io = {}
+
+        feeds = self.vision_example(ck, model_block)
+        names = list(feeds)
+        vis = self.vision(ck, model_block).eval()
+        torch.onnx.export(vis, tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()),
+                          str(folder / "vision.onnx"), input_names=names, output_names=["image_embeds"],
+                          dynamic_shapes=self.vision_dynamic_shapes(names), **quiet)
+        io["vision"] = {"inputs": names, "outputs": ["image_embeds"]}
+
+        emb = TokenEmbedding(ck.adapter.embed_tokens(model)).eval()
+        torch.onnx.export(emb, (torch.zeros((2, 5), dtype=torch.long),), str(folder / "embed.onnx"),
+                          input_names=["input_ids"], output_names=["inputs_embeds"],
+                          dynamic_shapes={"input_ids": {0: dyn, 1: dyn}}, **quiet)
+        io["embed"] = {"inputs": ["input_ids"], "outputs": ["inputs_embeds"]}
+
+        axes = model_block["position_axes"]
+        dec = Decoder(model, verbalizers, position_axes=axes).eval()
+        b, length, p = 2, 5, 3
+        past = [torch.zeros(b, sizes.num_kv_heads, p, sizes.head_dim) for _ in range(2 * sizes.num_layers)]
+        example = (torch.zeros(b, length, sizes.hidden_size), torch.ones(b, p + length, dtype=torch.long),
+                   torch.arange(p, p + length).view(1, 1, length).expand(axes, b, length).contiguous(), *past)
+        ins, outs = dec.io_names()
+        torch.onnx.export(dec, example, str(folder / "decoder.onnx"), input_names=ins, output_names=outs,
+                          dynamic_shapes=({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {1: dyn, 2: dyn},
+                                          tuple({0: dyn, 2: dyn} for _ in past)), **quiet)
+        io["decoder"] = {"inputs": ins, "outputs": outs}
+        return io

@@ -1,16 +1,8 @@
-"""Declarative tensor-name tables for the GGUF target: one line per tensor.
-
-``{bid}`` stands for the block index. A ``None`` target means "deliberately not written to
-this file" (with the reason beside it); a checkpoint tensor that matches no line is an error,
-so a new architecture variant cannot be half-converted silently. A third item names a
-transform: ``split3`` cuts a fused q/k/v tensor into thirds along its first axis (``{qkv}`` in
-the target becomes q, k, v); ``temporal`` cuts the 3-D patch convolution into its two frames
-(the second goes to ``<target>.1``), as llama.cpp's clip runs two 2-D convolutions.
-"""
+"""Qwen2-VL's GGUF part: llama.cpp's ``qwen2vl`` text model and ``qwen2vl_merger`` projector."""
 
 from __future__ import annotations
 
-import re
+from ..gguf import GgufParts
 
 # transformers' Qwen2-VL / Qwen2.5-VL language model -> llama.cpp's `qwen2vl` text model
 QWEN2VL_TEXT: list[tuple[str, str | None]] = [
@@ -65,47 +57,70 @@ QWEN2VL_VISION: list[tuple] = [
 ]
 
 
-def _compile(pattern: str) -> re.Pattern:
-    rx = re.escape(pattern).replace(r"\{bid\}", r"(?P<bid>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")
-    return re.compile(rx + r"\Z")
+class Qwen2VLGguf(GgufParts):
+    text_arch = "qwen2vl"
+    projector_type = "qwen2vl_merger"
+    text_table = QWEN2VL_TEXT
+    vision_table = QWEN2VL_VISION
+    vision_act = "quick_gelu"
 
+    def text_hparams(self, w, config, sizes) -> None:
+        """The text model's hyper-parameters, with M-RoPE's sections."""
+        from vlsi.errors import ConfigError
 
-class TensorTable:
-    """Maps checkpoint tensor names through one of the tables above."""
+        tc = config.get_text_config()
+        rope = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+        sections = list(rope.get("mrope_section") or [])
+        if len(sections) != 3 or 2 * sum(sections) != sizes.head_dim:
+            raise ConfigError(f"mrope_section {sections} does not split head_dim {sizes.head_dim} in three")
+        w.add_context_length(int(tc.max_position_embeddings))
+        w.add_embedding_length(sizes.hidden_size)
+        w.add_block_count(sizes.num_layers)
+        w.add_feed_forward_length(int(tc.intermediate_size))
+        w.add_head_count(sizes.num_heads)
+        w.add_head_count_kv(sizes.num_kv_heads)
+        w.add_rope_freq_base(float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))))
+        w.add_layer_norm_rms_eps(float(tc.rms_norm_eps))
+        w.add_rope_dimension_sections([*sections, 0])
 
-    def __init__(self, rows: list[tuple], what: str):
-        self.rows = [(_compile(row[0]), row[1], row[2] if len(row) > 2 else None) for row in rows]
-        self.what = what
+    def vision_widths(self, vc) -> tuple[int, int]:
+        """(width, MLP width) of the vision blocks."""
+        return int(vc.embed_dim), int(vc.embed_dim * vc.mlp_ratio)
 
-    def target(self, name: str) -> str | None:
-        """The GGUF name for ``name``, ``None`` when it is deliberately left out; raises
-        ``KeyError`` naming the tensor when no line matches."""
-        return self._match(name)[0]
+    def vision_problems(self, vc) -> list[str]:
+        """What in this vision config llama.cpp's clip would run differently from transformers."""
+        problems = []
+        if getattr(vc, "temporal_patch_size", 2) != 2:
+            problems.append(f"temporal_patch_size {vc.temporal_patch_size} (clip runs exactly 2 frames)")
+        if getattr(vc, "spatial_merge_size", 2) != 2:
+            problems.append(f"spatial_merge_size {vc.spatial_merge_size} (clip merges 2x2 patches)")
+        width, inner = self.vision_widths(vc)
+        heads = int(vc.num_heads)
+        if (width // heads) % 4:
+            problems.append(f"vision head width {width // heads} (clip's 2-D rope needs a multiple of 4)")
+        if inner == width:
+            problems.append(f"vision MLP width {inner} equal to the vision width (clip would take up for down)")
+        act = getattr(vc, "hidden_act", self.vision_act)
+        if act != self.vision_act:
+            problems.append(f"vision activation {act!r} (clip runs {self.vision_act} for this projector)")
+        return problems
 
-    def convert(self, name: str, array) -> list[tuple[str, object]]:
-        """``[(gguf_name, array), ...]`` for one checkpoint tensor (empty when left out)."""
-        dst, transform = self._match(name)
-        if dst is None:
-            return []
-        if transform == "split3":
-            if array.shape[0] % 3:
-                raise ValueError(f"{name}: first axis {array.shape[0]} does not split into q, k, v")
-            n = array.shape[0] // 3
-            return [(dst.replace("{qkv}", part), array[i * n:(i + 1) * n]) for i, part in enumerate("qkv")]
-        if transform == "temporal":
-            if array.ndim != 5 or array.shape[2] != 2:
-                raise ValueError(f"{name}: shape {tuple(array.shape)}; llama.cpp's clip needs a patch convolution "
-                                 "over exactly 2 frames (temporal_patch_size 2)")
-            return [(dst, array[:, :, 0]), (dst + ".1", array[:, :, 1])]
-        return [(dst, array)]
+    def vision_hparams(self, w, config) -> None:
+        """The projector's hyper-parameters after :meth:`vision_problems` found none."""
+        vc = config.vision_config
+        self.refuse(self.vision_problems(vc))
+        width, inner = self.vision_widths(vc)
+        w.add_uint32("clip.vision.embedding_length", width)
+        w.add_uint32("clip.vision.feed_forward_length", inner)
+        w.add_uint32("clip.vision.block_count", int(vc.depth))
+        w.add_uint32("clip.vision.attention.head_count", int(vc.num_heads))
+        w.add_uint32("clip.vision.spatial_merge_size", int(vc.spatial_merge_size))
 
-    def _match(self, name: str) -> tuple[str | None, str | None]:
-        for rx, dst, transform in self.rows:
-            m = rx.match(name)
-            if m:
-                if dst is None:
-                    return None, None
-                groups = {k: v for k, v in m.groupdict().items() if k != "rest"}
-                return dst.replace("{bid}", groups.get("bid", "{bid}")), transform
-        raise KeyError(f"{self.what}: no GGUF name for checkpoint tensor {name!r}; add a line to "
-                       f"vlsi_export/gguf_tables.py (or map it to None to leave it out on purpose)")
+    def image_token_limits(self, pre: dict) -> dict:
+        """Image token bounds from the processor config, for mtmd's image_min/max_tokens (so
+        llama.cpp resizes images to the sizes the model was trained on)."""
+        from .image import Qwen2VLImageSpec
+
+        spec = Qwen2VLImageSpec.from_preprocessor_config(pre)
+        unit = (spec.patch_size * spec.merge_size) ** 2
+        return {"image_min_tokens": max(1, spec.min_pixels // unit), "image_max_tokens": max(1, spec.max_pixels // unit)}

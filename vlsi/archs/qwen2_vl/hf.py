@@ -1,4 +1,5 @@
-"""Qwen2-VL: ViT with 2-D RoPE and a 2x2 patch merger, Qwen2 decoder with M-RoPE."""
+"""Qwen2-VL, the transformers side: ViT with 2-D RoPE and a 2x2 patch merger, Qwen2 decoder
+with M-RoPE."""
 
 from __future__ import annotations
 
@@ -6,8 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from . import register
-from .base import Adapter
+from ..adapter import Adapter
+from ..spec import VisionInputs
+
+
+def qwen2_text_config(spec, vocab_size: int, token_ids: dict[str, int], **rope) -> dict:
+    """Config fields of a tiny Qwen2 decoder (every architecture here has one); ``rope`` adds
+    rope parameters."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_theta), **rope},
+        tie_word_embeddings=False,
+        bos_token_id=token_ids["pad"],
+        eos_token_id=token_ids["eos"],
+        pad_token_id=token_ids["pad"],
+    )
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -18,12 +39,8 @@ def mrope_section(head_dim: int) -> list[int]:
     return [t, hw, half - t - hw]
 
 
-@register
 class Qwen2VLAdapter(Adapter):
     name = "qwen2_vl"
-    model_types = ("qwen2_vl",)
-    image_token = "<|image_pad|>"
-    image_marker = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def model_class(self):
         from transformers import Qwen2VLForConditionalGeneration
@@ -51,7 +68,7 @@ class Qwen2VLAdapter(Adapter):
     def tiny_config(self, spec, vocab_size: int, token_ids: dict[str, int]):
         head_dim = spec.hidden // spec.heads
         return self._config_class()(
-            text_config=self.tiny_text_config(spec, vocab_size, token_ids, mrope_section=mrope_section(head_dim)),
+            text_config=qwen2_text_config(spec, vocab_size, token_ids, mrope_section=mrope_section(head_dim)),
             vision_config=self._vision_config(spec),
             image_token_id=token_ids["image_pad"],
             video_token_id=token_ids["video_pad"],
@@ -86,18 +103,14 @@ class Qwen2VLAdapter(Adapter):
         out = processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
-    def num_image_tokens(self, processed, index):
-        t, h, w = (int(x) for x in processed["image_grid_thw"][index])
-        return t * h * w // 4  # 2x2 patches merge into one token
+    def image_token_counts(self, config, processor, processed):
+        return self.spec.image_tokens(processed["image_grid_thw"].numpy(), processor.merge_size)
 
     def position_ids(self, config, input_ids, attention_mask, processed):
-        from ..mrope import mrope_positions
-
         grids = processed["image_grid_thw"].numpy() if processed else np.zeros((0, 3), np.int64)
-        pos, _ = mrope_positions(
-            input_ids, config.image_token_id, grids, config.vision_config.spatial_merge_size, attention_mask
-        )
-        return pos
+        model = {"image_token_id": config.image_token_id,
+                 "spatial_merge_size": config.vision_config.spatial_merge_size}
+        return self.spec.positions(input_ids, VisionInputs({}, [], {"grid_thw": grids}), model, attention_mask)
 
     def forward_image_kwargs(self, processed):
         if not processed:

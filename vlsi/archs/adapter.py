@@ -1,9 +1,10 @@
-"""What every architecture adapter provides.
+"""What every architecture's transformers side (its ``hf.py`` adapter) provides.
 
-Trainer, exporters and runtimes reach into a model only through an adapter, so none of
-them special-cases a model class. An adapter knows where the decoder layers, final norm,
-LM head, token embeddings, vision tower and projector live; how an image becomes pixel
-inputs and a run of placeholder tokens; and how position ids are made.
+Trainer, exporters and the torch runtime reach into a model only through an adapter, so
+none of them special-cases a model class. An adapter knows where the decoder layers, final
+norm, LM head, token embeddings, vision tower and projector live; how the HF image processor
+is made and called; and which modules LoRA adapts. Token, marker and position rules are
+the architecture's torch-free spec (``self.spec``), shared with the edge runtimes.
 """
 
 from __future__ import annotations
@@ -24,17 +25,28 @@ class TextSizes:
 
 
 class Adapter:
-    """Base class; subclasses register with :func:`vlsi.adapters.register`."""
+    """Base class; an architecture's ``ARCH`` entry names its subclass (see :mod:`vlsi.archs`)."""
 
     name: str = ""
     """Registry key, e.g. ``qwen2_vl``."""
-    model_types: tuple[str, ...] = ()
-    """``config.model_type`` values this adapter handles."""
-    image_token: str = ""
-    """The special token that stands for one image feature in the prompt."""
-    image_marker: str = ""
-    """Text that marks an image in a rendered chat; its ``image_token`` is later repeated
-    once per image feature (as the transformers processors do)."""
+    lora_targets: str = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    """Regex of the modules LoRA adapts: the language model's projections (the paper's
+    "LoRA on the LLM")."""
+
+    @property
+    def spec(self):
+        """The architecture's torch-free spec (tokens, image marker, positions)."""
+        from . import get_spec
+
+        return get_spec(self.name)
+
+    @property
+    def image_token(self) -> str:
+        return self.spec.image_token
+
+    @property
+    def image_marker(self) -> str:
+        return self.spec.image_marker
 
     # --- model classes and configs -------------------------------------------------
     def model_class(self):
@@ -43,25 +55,6 @@ class Adapter:
     def tiny_config(self, spec, vocab_size: int, token_ids: dict[str, int]):
         """A transformers config for a tiny model of this architecture (see ``vlsi.tiny``)."""
         raise NotImplementedError
-
-    @staticmethod
-    def tiny_text_config(spec, vocab_size: int, token_ids: dict[str, int], **rope) -> dict:
-        """Decoder config fields of a tiny Qwen2-family decoder; ``rope`` adds rope parameters."""
-        return dict(
-            vocab_size=vocab_size,
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": float(spec.rope_theta), **rope},
-            tie_word_embeddings=False,
-            bos_token_id=token_ids["pad"],
-            eos_token_id=token_ids["eos"],
-            pad_token_id=token_ids["pad"],
-        )
 
     def text_config(self, config):
         return config.text_config
@@ -113,17 +106,23 @@ class Adapter:
         """PIL RGB images -> tensors for the model's forward (batched over all images)."""
         raise NotImplementedError
 
-    def num_image_tokens(self, processed: dict[str, Any], index: int) -> int:
-        """How many ``image_token``s image ``index`` of ``processed`` takes in the prompt."""
+    def image_token_counts(self, config, processor, processed: dict[str, Any]) -> list[int]:
+        """How many ``image_token``s each image of ``processed`` takes in the prompt."""
         raise NotImplementedError
 
     def position_ids(self, config, input_ids, attention_mask, processed):
         """Position ids for a prompt batch (numpy in, numpy out): ``(B, L)`` counting real
-        tokens (padding gets 0). Decoding continues from ``max + 1`` along the last axis."""
-        import numpy as np
+        tokens (padding gets 0), the spec's rule. Decoding continues from ``max + 1``."""
+        return self.spec.positions(input_ids, None, {}, attention_mask)[0]
 
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-        return np.where(mask > 0, np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+    def image_features(self, model, processed: dict[str, Any]):
+        """The image features the model scatters into the prompt, ``(tokens, hidden)``, all
+        images concatenated in order (the reference the vision graphs are checked against)."""
+        out = model.get_image_features(**self.forward_image_kwargs(processed))
+        feats = getattr(out, "pooler_output", out)
+        import torch
+
+        return torch.cat(list(feats), dim=0)
 
     def forward_image_kwargs(self, processed: dict[str, Any]) -> dict[str, Any]:
         """The image-related keyword arguments of the model's forward."""

@@ -38,18 +38,20 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5, threads: int = 0) -> float:
 
 def weight_bytes(path: Path) -> int:
     """Bytes of weights a decode step reads: the decoder graph(s), or the checkpoint's text weights."""
+    from vlsi.manifest import load_manifest
+
     path = Path(path)
     if (path / "manifest.json").is_file():
-        m = json.loads((path / "manifest.json").read_text())
-        if m["target"] == "gguf":
+        m = load_manifest(path, verify=False)
+        if m.target == "gguf":
             import gguf
 
-            tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path / m["text"]["file"])).tensors}
+            tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path / m.graph("text").file)).tensors}
             if "output.weight" in tensors:  # untied: the embedding is a row lookup
                 tensors.pop("token_embd.weight", None)
             return sum(tensors.values())
-        dec = m["graphs"]["decoder"]["file"]
-        return sum(e["bytes"] for name, e in m["files"].items() if name.startswith(dec))
+        dec = m.graph("decoder").file
+        return sum(e["bytes"] for name, e in m.files.items() if name.startswith(dec))
     from safetensors import safe_open
 
     sizes = {}
@@ -86,15 +88,9 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
         t2 = time.perf_counter()
         ttft.append(t1 - t0)
         tps.append((n - 1) / max(t2 - t1, 1e-9))
-        if hasattr(rt, "image_embeds"):
-            pix, grid = rt._encode([image], "x").images
-            t = time.perf_counter()
-            rt.image_embeds(pix, grid)
-            vis.append(time.perf_counter() - t)
-        elif hasattr(rt, "image_embeds_for"):  # llama.cpp: tokenise + encode one image
-            t = time.perf_counter()
-            rt.image_embeds_for(image)
-            vis.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        rt.image_embeds([image])  # preprocessing included, as a request pays it
+        vis.append(time.perf_counter() - t)
     ttft, tps = ttft[1:], tps[1:]  # the first run warms caches
     row = {"path": path, "backend": rt.name, "ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(tps),
            "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None, "peak_rss_mb": peak_rss_mb()}
@@ -110,7 +106,7 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
 
     m = rt.manifest
     n = threads or rt.threads
-    llm = Llama(model_path=str(rt.folder / m["text"]["file"]), n_ctx=rt.n_ctx, n_threads=n, n_threads_batch=n,
+    llm = Llama(model_path=str(rt.folder / m.graph("text").file), n_ctx=rt.n_ctx, n_threads=n, n_threads_batch=n,
                 verbose=False)
     ids = rt.encode([], prompt).ids
 
@@ -145,7 +141,7 @@ def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int =
     bw = copy_bandwidth(threads=threads)
     rows = []
     for path, backend in [(str(reference), "torch"), *[(str(a), "auto") for a in artifacts]]:
-        cmd = [sys.executable, "-m", "vlsi_export.bench", path, backend, str(prompt_tokens), str(new_tokens),
+        cmd = [sys.executable, "-m", "vlsi_runtimes.bench", path, backend, str(prompt_tokens), str(new_tokens),
                str(runs), str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -154,8 +150,9 @@ def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int =
         row["weights_mb"] = weight_bytes(Path(path)) / 2**20
         row["roofline_tok_s"] = bw / max(1, weight_bytes(Path(path)))
         if Path(path, "manifest.json").is_file():
-            m = json.loads(Path(path, "manifest.json").read_text())
-            row["precision"] = m["graphs"]["decoder"]["precision"] if "graphs" in m else m["precision"]
+            from vlsi.manifest import load_manifest
+
+            row["precision"] = load_manifest(path, verify=False).precision
         else:
             row["precision"] = "fp32"
         rows.append(row)

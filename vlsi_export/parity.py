@@ -1,4 +1,4 @@
-"""Parity between an export and its PyTorch checkpoint, gating every export.
+"""Parity between an export and its PyTorch checkpoint, gating every export (:func:`gate`).
 
 On real samples (images and questions), the reference (PyTorch) decodes greedily; the
 artifact is fed the same tokens, and we compare per graph and end to end: vision-embedding
@@ -10,6 +10,7 @@ Tolerances live in ``TOLERANCES``; a failed metric names itself and by how much.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,11 +120,11 @@ def validate(artifact, reference, data=None, n: int = 16, max_new_tokens: int = 
     from vlsi_runtimes import load
 
     artifact = Path(artifact)
-    manifest = load_manifest(artifact)
-    precision = manifest["graphs"]["decoder"]["precision"] if "graphs" in manifest else manifest.get("precision", "fp32")
+    precision = load_manifest(artifact).precision
     ref = load(reference, backend="torch")
-    # llama.cpp: an f32 KV cache, so the tolerances measure the weights' precision, not the cache's
-    rt = load(artifact, **({"kv_type": "f32"} if manifest.get("target") == "gguf" else {}))
+    # parity=True: caches kept at full precision (llama.cpp's f32 KV), so the tolerances
+    # measure the weights' precision, not the cache's
+    rt = load(artifact, parity=True)
     records = load_records(data)[0][:n] if data else default_samples(n)
     records = [r for r in records if r.answer is not None]
     if not records:
@@ -149,11 +150,11 @@ def validate(artifact, reference, data=None, n: int = 16, max_new_tokens: int = 
             for k in vtop1:
                 vtop1[k].append(int(np.argmax(x[k]) == np.argmax(y[k])))
         greedy.append(int(ref_ids == rt_ids))
-        ref_text, rt_text = ref._decode(ref_ids), rt._decode(rt_ids)
+        ref_text, rt_text = ref.decode(ref_ids), rt.decode(rt_ids)
         acc_ref.append(is_correct(r, ref_text))
         acc_rt.append(is_correct(r, rt_text))
-        if (hasattr(rt, "image_embeds") or hasattr(rt, "image_embeds_for")) and images:
-            vis.append(_vision_error(ref, rt, images))
+        if images:
+            vis.append(float(np.abs(ref.image_embeds(images) - rt.image_embeds(images)).max()))
         samples.append({"id": r.id, "reference": ref_text, "artifact": rt_text, "match": ref_ids == rt_ids})
     metrics = {
         "samples": len(records), "positions": len(kls), "tokens_match": float(np.mean(same_ids)),
@@ -185,22 +186,6 @@ def validate(artifact, reference, data=None, n: int = 16, max_new_tokens: int = 
     return report
 
 
-def _vision_error(ref, rt, images) -> float:
-    import torch
-
-    from vlsi.preprocess import load_image
-
-    pil = [load_image(im, rt.spec) for im in images]
-    processed = ref.ck.adapter.process_images(ref.ck.image_processor, pil)
-    with torch.inference_mode():
-        a = torch.cat(list(ref.model.get_image_features(**ref.ck.adapter.forward_image_kwargs(processed)).pooler_output))
-    if hasattr(rt, "image_embeds_for"):  # llama.cpp: one image at a time, through its own preprocessing
-        b = np.concatenate([rt.image_embeds_for(im) for im in images])
-    else:
-        b = rt.image_embeds(processed["pixel_values"].numpy(), processed["image_grid_thw"].numpy())
-    return float(np.abs(a.numpy() - b).max())
-
-
 def _write(artifact: Path, report: ParityReport) -> None:
     from vlsi.atomic import atomic_write_text
 
@@ -227,3 +212,22 @@ def _write(artifact: Path, report: ParityReport) -> None:
     fig.tight_layout()
     fig.savefig(artifact / "parity.png", dpi=110)
     plt.close(fig)
+
+
+def gate(tmp: Path, out: Path, reference, manifest, data, samples: int) -> None:
+    """Run parity on the finished folder ``tmp``; record it in its manifest, or refuse the
+    export (the report is kept in ``<out>.parity-failed/``)."""
+    from vlsi.manifest import write_manifest
+
+    report = validate(tmp, reference, data=data, n=samples, raise_on_fail=False)
+    if not report.passed:
+        failed = out.parent / f"{out.name}.parity-failed"
+        shutil.rmtree(failed, ignore_errors=True)
+        failed.mkdir(parents=True)
+        for name in ("parity.json", "parity.md", "parity.png"):
+            if (tmp / name).is_file():
+                shutil.copyfile(tmp / name, failed / name)
+        raise ParityError(f"export to {out} refused, parity failed ({report.precision}): "
+                          + "; ".join(report.failures) + f". Report: {failed}/parity.md")
+    manifest.parity = {"passed": True, "metrics": {k: v for k, v in report.metrics.items() if not isinstance(v, dict)}}
+    write_manifest(tmp, manifest)

@@ -1,4 +1,7 @@
-"""``vlsi demo``: the quickstart's VLsI student behind ``vlsi serve``, made on first use."""
+"""``vlsi demo``: the quickstart's VLsI student behind ``vlsi serve``, made on first use.
+
+A pipeline (train if missing, export, serve), so it lives with the command line, the one
+layer that may use training, export and the apps together."""
 
 from __future__ import annotations
 
@@ -21,15 +24,15 @@ def demo_model(quickstart_out="runs/quickstart", recipe=None) -> Path:
         return ckpt
     artifact = out / "vlsi-onnx"
     if not (artifact / "manifest.json").is_file():
-        from vlsi_export.onnx_target import export_onnx
+        from vlsi_export import export
 
         print(f"vlsi demo: exporting {ckpt} to {artifact} (ONNX fp32, verbalizers kept)")
-        export_onnx(ckpt, artifact, verbalizers=True, data=out / "data" / "test.json")
+        export(ckpt, artifact, target="onnx", verbalizers=True, data=str(out / "data" / "test.json"))
     return artifact
 
 
 def demo(model=None, quickstart_out="runs/quickstart", host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve ``model``, or the quickstart's student (see :func:`demo_model`), on ``host:port``."""
-    from .server import serve
+    from vlsi_apps.server import serve
 
     serve(model or demo_model(quickstart_out), host=host, port=port)

@@ -1,20 +1,22 @@
-"""LLaVA-OneVision: SigLIP vision tower, 2-layer MLP projector, Qwen2 decoder, "anyres" tiling."""
+"""LLaVA-OneVision, the transformers side: SigLIP vision tower, 2-layer MLP projector, Qwen2
+decoder, "anyres" tiling."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from . import register
-from .base import Adapter
+from ..adapter import Adapter
+from ..qwen2_vl.hf import qwen2_text_config
 
 
-@register
+def torch_long(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.long)
+
+
 class LlavaOnevisionAdapter(Adapter):
     name = "llava_onevision"
-    model_types = ("llava_onevision",)
-    image_token = "<image>"
-    image_marker = "<image>"
 
     def model_class(self):
         from transformers import LlavaOnevisionForConditionalGeneration
@@ -36,7 +38,7 @@ class LlavaOnevisionAdapter(Adapter):
                 patch_size=14,
                 vision_use_head=False,
             ),
-            text_config=dict(model_type="qwen2", **self.tiny_text_config(spec, vocab_size, token_ids)),
+            text_config=dict(model_type="qwen2", **qwen2_text_config(spec, vocab_size, token_ids)),
             image_token_index=token_ids["image"],
             video_token_index=token_ids["video"],
             vision_feature_select_strategy="full",
@@ -73,45 +75,25 @@ class LlavaOnevisionAdapter(Adapter):
         return LlavaOnevisionImageProcessorPil.from_pretrained(str(folder))
 
     def process_images(self, processor, images: list) -> dict[str, Any]:
-        out = processor(images=images, return_tensors="pt")
-        return {
-            "pixel_values": out["pixel_values"],
-            "image_sizes": out["image_sizes"],
-            "_tile": dict(processor.size),
-            "_pinpoints": [list(p) for p in processor.image_grid_pinpoints],
-        }
+        # one prompt's images as one nested list: a lone image is tiled (anyres), each of
+        # several gets one tile, as transformers' processor and model do for a multi-image prompt
+        out = processor(images=[list(images)], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"],
+                "batch_num_images": torch_long([len(images)])}
 
-    def _num_features(self, processed, index: int) -> int:
-        """How many feature vectors the model makes for one image (base tile + unpadded grid + newlines)."""
-        from transformers.image_processing_utils import select_best_resolution
+    def image_token_counts(self, config, processor, processed):
+        from .image import LlavaOnevisionImageSpec
 
-        tile = processed["_tile"]["height"]
-        side = tile // 14  # patches per tile side
-        oh, ow = (int(x) for x in processed["image_sizes"][index])
-        pinpoints = processed["_pinpoints"]
-        bh, bw = select_best_resolution((oh, ow), pinpoints)
-        cur_h, cur_w = side * (bh // tile), side * (bw // tile)
-        # the tiled grid is cropped back to the image's own aspect ratio
-        if ow / oh > cur_w / cur_h:
-            new_h = int(round(oh * (cur_w / ow), 7))
-            cur_h -= 2 * ((cur_h - new_h) // 2)
-        else:
-            new_w = int(round(ow * (cur_h / oh), 7))
-            cur_w -= 2 * ((cur_w - new_w) // 2)
-        grid, newlines = cur_h * cur_w, cur_h
-        ratio = math.sqrt(cur_h * cur_w / (9 * side * side))  # anyres_max_9
-        if ratio > 1.1:
-            grid = int(cur_h // ratio) * int(cur_w // ratio)
-            newlines = int(cur_h // ratio)
-        return side * side + grid + newlines
-
-    def num_image_tokens(self, processed, index):
-        return self._num_features(processed, index)
+        spec = self.spec
+        model = {"patches_per_side": config.vision_config.image_size // config.vision_config.patch_size,
+                 "vision_aspect_ratio": config.vision_aspect_ratio}
+        image_spec = LlavaOnevisionImageSpec.from_preprocessor_config(processor.to_dict())
+        return spec.image_tokens(processed["image_sizes"].tolist(), image_spec, model)
 
     def forward_image_kwargs(self, processed):
         if not processed:
             return {}
-        return {"pixel_values": processed["pixel_values"], "image_sizes": processed["image_sizes"]}
+        return {k: processed[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
 
     def concat_processed(self, items):
         import torch
@@ -124,6 +106,5 @@ class LlavaOnevisionAdapter(Adapter):
         return {
             "pixel_values": torch.cat(pv, dim=0),
             "image_sizes": torch.cat([it["image_sizes"] for it in items], dim=0),
-            "_tile": items[0]["_tile"],
-            "_pinpoints": items[0]["_pinpoints"],
+            "batch_num_images": torch.cat([it["batch_num_images"] for it in items], dim=0),
         }

@@ -1,15 +1,13 @@
-"""Qwen2.5-VL: Qwen2-VL with a windowed-attention ViT, SwiGLU vision MLP and RMSNorm."""
+"""Qwen2.5-VL, the transformers side: Qwen2-VL with a windowed-attention ViT, SwiGLU vision
+MLP and RMSNorm."""
 
 from __future__ import annotations
 
-from . import register
-from .qwen2_vl import Qwen2VLAdapter
+from ..qwen2_vl.hf import Qwen2VLAdapter
 
 
-@register
 class Qwen25VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl",)
 
     def model_class(self):
         from transformers import Qwen2_5_VLForConditionalGeneration

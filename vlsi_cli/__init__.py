@@ -1,5 +1,7 @@
-"""The ``vlsi`` command line. Each command is a thin wrapper over one library function;
-``COMMANDS`` lists them, and a test keeps it in sync with the click tree."""
+"""The ``vlsi`` command line: the composition root, the one package that may import every
+layer (core, training, export, runtimes, apps). Each command is a thin wrapper over one
+library function; ``COMMANDS`` lists them, and a test keeps it in sync with the click tree.
+``vlsi export``'s flags are built from the export targets' option dataclasses."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import sys
 
 import click
 
-from .errors import VLsIError
+from vlsi.errors import VLsIError
 
 # command path -> "module:function" it wraps
 COMMANDS = {
@@ -17,24 +19,44 @@ COMMANDS = {
     "quickstart": "vlsi_train.quickstart:quickstart",
     "train ablate": "vlsi_train.ablate:ablate",
     "train bench": "vlsi_train.bench:bench",
-    "export": "vlsi_export.onnx_target:export_onnx",
-    "validate": "vlsi_export.validate:validate",
-    "bench": "vlsi_export.bench:bench",
+    "export": "vlsi_export.base:export",
+    "validate": "vlsi_export.parity:validate",
+    "bench": "vlsi_runtimes.bench:bench",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
     "serve": "vlsi_apps.server:serve",
-    "demo": "vlsi_apps.demo:demo",
+    "demo": "vlsi_cli.demo:demo",
 }
+
+# a missing top-level module -> the extra that brings it
+EXTRAS = {"torch": "train", "transformers": "train", "peft": "train", "matplotlib": "train", "pyarrow": "train",
+          "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "gguf": "gguf", "llama_cpp": "gguf",
+          "starlette": "app", "uvicorn": "app", "tensorrt": "tensorrt"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """One line saying which extra to install for a missing module, or None if it is not ours."""
+    top = (e.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return f"this command needs {top}, which is not installed: pip install 'vlsi[{EXTRAS[top]}]'"
 
 
 class _Group(click.Group):
-    """Shows VLsIError as a one-line message instead of a traceback."""
+    """Shows VLsIError, and a missing optional dependency, as a one-line message instead of a
+    traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except VLsIError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            line = missing_extra(e)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
 
 
@@ -69,7 +91,7 @@ def data():
 def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects, families, reasoning, dots,
                qa_per_image, background, no_mc, overwrite, list_families):
     """Generate the synthetic visual-QA dataset (LLaVA JSON + PNGs + VLMEvalKit TSV)."""
-    from .data.synth import FAMILIES, SynthConfig, generate
+    from vlsi.data.synth import FAMILIES, SynthConfig, generate
 
     if list_families:
         click.echo("\n".join(FAMILIES))
@@ -92,7 +114,7 @@ def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects,
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint folder.")
 def tiny_cmd(out, arch, size, seed, targets, verbalizer_arch, overwrite):
     """Build a randomly initialised tiny model (shared synthetic tokenizer) as a checkpoint."""
-    from .tiny import save_tiny
+    from vlsi.tiny import save_tiny
 
     path = save_tiny(out, arch=arch, size=size, seed=seed, verbalizer_layers=targets, verbalizer_arch=verbalizer_arch,
                      overwrite=overwrite)
@@ -185,35 +207,46 @@ def quickstart_cmd(out, seed, seeds, quiet, jobs):
     click.echo(f"({report['seconds']:.0f} s; report: {out}/report.json)")
 
 
-@main.command("export")
-@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
-@click.option("--target", default="onnx", show_default=True, help="Export target: onnx or gguf (llama.cpp).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
-@click.option("--quant", default=None,
-              help="Text model precision. onnx: fp32 (default), fp16, int8, int4. gguf: f16 (default), f32, q8_0, "
-                   "q4_0, q4_k_m, q5_k_m, q6_k (llama.cpp's quantiser).")
-@click.option("--vision-quant", default="fp32", show_default=True, help="onnx: vision encoder precision.")
-@click.option("--mmproj-quant", default="f16", show_default=True, help="gguf: vision projector type (f32, f16, q8_0).")
-@click.option("--verbalizers", is_flag=True,
-              help="Keep the verbalizer heads (onnx: extra decoder outputs; gguf: a verbalizers.gguf sidecar).")
-@click.option("--block-size", default=32, show_default=True, help="int4: weights per quantisation block.")
-@click.option("--asymmetric", is_flag=True, help="int4: asymmetric blocks (zero points) instead of symmetric.")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Samples for the parity check (default: built-in synthetic questions).")
-@click.option("--no-validate", is_flag=True, help="Skip the parity check (not recommended).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
-def export_cmd(model, target, out, quant, vision_quant, mmproj_quant, verbalizers, block_size, asymmetric, data,
-               no_validate, overwrite):
-    """Export a checkpoint for an edge runtime; the result must pass parity to be written."""
-    from vlsi_export import get_target
+def _export_options(f):
+    """``vlsi export``'s flags: every export target's option fields, each flag once. A flag
+    shared by targets with different defaults shows each; unset flags take the target's own."""
+    import dataclasses
 
-    common = dict(verbalizers=verbalizers, overwrite=overwrite, validate=not no_validate, data=data)
-    if target == "gguf":
-        path = get_target(target)(model, out, quant=quant, mmproj_quant=mmproj_quant, **common)
-    else:
-        path = get_target(target)(model, out, quant=quant or "fp32", vision_quant=vision_quant, block_size=block_size,
-                                  symmetric=not asymmetric, **common)
-    click.echo(f"wrote {path}")
+    from vlsi_export.base import CommonOptions, flag, get_target, option_fields, targets
+
+    seen: dict[str, list] = {}
+    for name in targets():
+        for fld in option_fields(get_target(name).Options):
+            seen.setdefault(fld.name, []).append((name, fld))
+    common = {fld.name for fld in dataclasses.fields(CommonOptions)}
+    for key, uses in reversed(list(seen.items())):
+        fld = uses[0][1]
+        helptext = fld.metadata["help"]
+        if key not in common:
+            where = ", ".join(f"{t}: {fl.default}" for t, fl in uses)
+            choices = "; ".join(f"{t}: {', '.join(map(str, fl.metadata['choices']))}" for t, fl in uses
+                                if fl.metadata.get("choices"))
+            helptext = f"[{where}] {helptext}" + (f" Choices: {choices}." if choices else "")
+        if fld.type in ("bool", bool):
+            f = click.option(f"{flag(key)}/--no-{flag(key)[2:]}", key, default=None, help=helptext)(f)
+        else:
+            kind = int if fld.type in ("int", int) else str
+            f = click.option(flag(key), key, type=kind, default=None, help=helptext)(f)
+    return f
+
+
+@main.command("export", context_settings={"max_content_width": 110})
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
+@click.option("--target", default="onnx", show_default=True, help="Export target: onnx, or gguf (llama.cpp).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact folder to create.")
+@_export_options
+def export_cmd(model, target, out, **options):
+    """Export a checkpoint for an edge runtime; the result must pass parity to be written.
+    Flags a target does not take are refused; unset flags take the target's default."""
+    from vlsi_export.base import export
+
+    given = {k: v for k, v in options.items() if v is not None}  # options() refuses another target's flags
+    click.echo(f"wrote {export(model, out, target=target, **given)}")
 
 
 @main.command("validate")
@@ -224,7 +257,7 @@ def export_cmd(model, target, out, quant, vision_quant, mmproj_quant, verbalizer
 @click.option("--samples", default=16, show_default=True, help="How many samples.")
 def validate_cmd(artifact, reference, data, samples):
     """Check an artifact's parity with its checkpoint; exits non-zero when a metric fails."""
-    from vlsi_export.validate import validate
+    from vlsi_export.parity import validate
 
     report = validate(artifact, reference, data=data, n=samples, raise_on_fail=False)
     click.echo(report.markdown())
@@ -243,7 +276,7 @@ def validate_cmd(artifact, reference, data, samples):
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
 def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, out):
     """Time to first token, decode tokens/s, vision latency and peak RSS per artifact vs PyTorch."""
-    from vlsi_export.bench import bench, format_rows
+    from vlsi_runtimes.bench import bench, format_rows
 
     rows = bench(list(artifacts), reference, prompt_tokens, new_tokens, runs, threads)
     click.echo(format_rows(rows))
@@ -264,7 +297,7 @@ def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, ou
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 def eval_cmd(model_dir, data_path, verbalize, out, batch_size, max_new_tokens, limit, device):
     """Greedy-decode a dataset and report accuracy (per category, and per layer with --verbalize)."""
-    from .eval import evaluate
+    from vlsi.eval import evaluate
 
     rep = evaluate(model_dir, data_path, verbalize=verbalize, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    limit=limit, out=out, device=device)
@@ -319,7 +352,7 @@ def serve_cmd(model, backend, host, port, api_key, name, **limits):
 def demo_cmd(model, quickstart_out, host, port):
     """The demo app: serve MODEL, or the quickstart's VLsI student (exported to ONNX with its
     verbalizers when onnxruntime is installed), and print the URL."""
-    from vlsi_apps.demo import demo
+    from .demo import demo
 
     demo(model, quickstart_out=quickstart_out, host=host, port=port)
 

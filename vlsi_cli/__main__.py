@@ -1,0 +1,5 @@
+"""`python -m vlsi_cli` runs the `vlsi` command."""
+
+from . import main
+
+main()
