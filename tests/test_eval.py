@@ -65,8 +65,6 @@ def known(tiny_ckpt):
 
 def test_tsv_option_accuracy_per_category(known, tmp_path, tiny_ckpt):
     ckpt, images, _ = known
-    from vlsi.data.loaders import MC_PROMPT_SUFFIX  # noqa: F401  (the loader builds the MC prompt)
-
     rows = []
     # MC prompts as the TSV loader renders them, so the reference sees the same text
     opts = ["zzz", "yyy", "xxx"]
@@ -85,7 +83,7 @@ def test_tsv_option_accuracy_per_category(known, tmp_path, tiny_ckpt):
 
     # The options are part of the prompt, so the model's answer depends on them: put its own
     # answer in as option C and repeat until the answer no longer changes (a fixed point).
-    from vlsi.data.loaders import load_records
+    from vlsi.data.loaders import MC_PROMPT_SUFFIX, load_records
 
     said = ["xxx"] * len(rows)
     for _ in range(6):
@@ -94,6 +92,9 @@ def test_tsv_option_accuracy_per_category(known, tmp_path, tiny_ckpt):
             r["answer"] = "C" if r["category"] == "even" else "B"
         write(rows)
         recs, _ = load_records(tsv)
+        # the loader renders the options and ends the prompt with the MC instruction
+        assert [r.turns[0].text.rsplit("\n", 1)[-1] for r in recs] == [MC_PROMPT_SUFFIX] * len(recs)
+        assert all(f"\nA. {opts[0]}\nB. {opts[1]}\n" in r.turns[0].text for r in recs)
         again = _hf_answers(ckpt, [r.turns[0].text for r in recs], images)
         if again == said:
             break

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,12 +103,37 @@ def test_bottomk_uniform_random():
     assert seen == {0, 1, 2, 3, 4}
 
 
-def test_teacher_layers_are_streamed_not_held():
-    student, teacher, calls = _synthetic()
-    match_layers(student, teacher, 7, _cfg(), torch.Generator().manual_seed(0))
-    # one call per candidate distance plus one per chosen layer; the function is asked again
-    # rather than all layers being materialised up front
-    assert len(calls) > 7
+def _tracked(teacher):
+    """``teacher`` returning a fresh tensor per call, and the peak number of those alive at once."""
+    refs, peak = [], [0]
+
+    def fresh(j):
+        t = teacher(j).clone()
+        refs.append(weakref.ref(t))
+        peak[0] = max(peak[0], sum(r() is not None for r in refs))
+        return t
+
+    return fresh, peak
+
+
+@pytest.mark.parametrize("matching", ["multinomial", "bottomk"])
+def test_teacher_layers_are_streamed_not_held(matching):
+    ts, tl = 3, 10
+    cfg = _cfg(matching=matching)
+    student, teacher, calls = _synthetic(ts=ts, tl=tl)
+    fresh, peak = _tracked(teacher)
+    match_layers(student, fresh, tl, cfg, torch.Generator().manual_seed(0))
+    # each candidate's distribution is dropped before the next is asked for; at most the chosen
+    # layers (which the loss graph may keep for backward) and the one in use are alive at once
+    assert 1 <= peak[0] <= ts + 1 < tl - ts + 1
+    assert len(calls) > tl  # asked again for the chosen layers instead of keeping the candidates
+
+    # the measure catches an implementation that materialises the teacher's layers first
+    student, teacher, _ = _synthetic(ts=ts, tl=tl)
+    fresh, peak = _tracked(teacher)
+    held = [fresh(j) for j in range(tl)]
+    match_layers(student, lambda j: held[j], tl, cfg, torch.Generator().manual_seed(0))
+    assert peak[0] == tl
 
 
 def test_student_deeper_than_teacher_is_refused():

@@ -50,9 +50,18 @@ def test_streaming_stop_and_sampling(pair):
     _, rt, _ = pair
     full = rt.generate([_img(0)], "describe", max_new_tokens=8)
     assert "".join(rt.generate([_img(0)], "describe", max_new_tokens=8, stream=True)) == full
-    if len(full) > 2:
-        stop = full[1:3]
-        assert rt.generate([_img(0)], "describe", max_new_tokens=8, stop=[stop]) == full[: full.find(stop)]
+    # precondition: the answer runs to max_new_tokens and its first token has at least two
+    # characters, so a stop string can straddle the boundary between tokens 1 and 2
+    ids = list(rt.stream_tokens([_img(0)], "describe", 8))
+    first = len(rt.decode(ids[:1]))
+    assert len(ids) == 8 and first >= 2 and rt.decode(ids) == full
+    stop = full[first - 1: first + 1]
+    assert full.find(stop) == first - 1, (full, stop)
+    gen = rt.generate([_img(0)], "describe", max_new_tokens=8, stop=[stop], stream=True)
+    assert "".join(gen) == full[: first - 1]
+    assert (gen.finish_reason, gen.completion_tokens) == ("stop", 2)
+    gen = rt.generate([_img(0)], "describe", max_new_tokens=8, stop=["not in the answer"], stream=True)
+    assert "".join(gen) == full and gen.finish_reason == "length"
     a = rt.generate([_img(0)], "describe", max_new_tokens=8, temperature=1.0, seed=1)
     b = rt.generate([_img(0)], "describe", max_new_tokens=8, temperature=1.0, seed=1)
     assert a == b  # seeded sampling is reproducible

@@ -3,6 +3,7 @@ refusals the method requires."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -14,7 +15,12 @@ from vlsi.config import load_config
 from vlsi.errors import ConfigError
 from vlsi_train.config import TrainConfig
 from vlsi_train.pipeline import run, stage_configs
-from vlsi_train.trainer import train
+from vlsi_train.trainer import Trainer, train
+
+
+def _file_hashes(folder) -> dict[str, str]:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -87,8 +93,10 @@ def test_verbalize_trains_only_the_heads(pair):
 def test_interact_with_and_without_lora(pair, tmp_path, lora):
     root, data = pair
     out = tmp_path / "si"
-    train(_cfg(stage="interact", model=str(root / "sv"), teacher=str(root / "tv"), data=data, out=str(out),
-               **{"lora.enabled": lora, "lora.r": 4, "lora.alpha": 4}))
+    teacher_files = _file_hashes(root / "tv")
+    trainer = Trainer(_cfg(stage="interact", model=str(root / "sv"), teacher=str(root / "tv"), data=data,
+                           out=str(out), **{"lora.enabled": lora, "lora.r": 4, "lora.alpha": 4}))
+    trainer.train()
     ck = load_checkpoint(out)  # plain checkpoint: LoRA merged, loads with key checks
     keys = load_file(str(out / "model.safetensors")).keys()
     assert not any("lora" in k for k in keys)
@@ -102,8 +110,11 @@ def test_interact_with_and_without_lora(pair, tmp_path, lora):
     s0 = load_file(str(root / "sv" / "model.safetensors"))
     s1 = load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(s0[k], s1[k]) for k in s0)
-    t0 = load_file(str(root / "tv" / "model.safetensors"))
-    assert all(torch.equal(t0[k], v) for k, v in load_file(str(root / "tv" / "model.safetensors")).items())
+    assert _file_hashes(root / "tv") == teacher_files  # nothing in the teacher's folder was rewritten
+    t0 = load_checkpoint(root / "tv")  # and the teacher the loop held in memory was never updated
+    held = trainer.teacher
+    assert all(torch.equal(p, t0.model.state_dict()[k]) for k, p in held.model.state_dict().items())
+    assert all(torch.equal(p, t0.verbalizers.state_dict()[k]) for k, p in held.verbalizers.state_dict().items())
     assert ck.verbalizers is not None
 
 
