@@ -1,5 +1,6 @@
 # Set-up and the two entry points of the README. `make quickstart` and `make test` each
-# create .venv on first use, so they work as written on a fresh machine.
+# create .venv on first use, and `make test` installs the system packages it needs
+# (`sysdeps`), so they work as written on a fresh machine.
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build; on a CUDA machine or a Jetson, install your torch first and pass TORCH=torch.
@@ -11,7 +12,12 @@ BIN     = $(VENV)/bin
 # The tests also run llama.cpp: llama-cpp-python compiles it on first install (about 5 min).
 GGUF    = $(VENV)/.gguf-installed
 
-.PHONY: setup quickstart test clean
+# System packages the tests need, as Debian names them, each with the commands that count as
+# having it: chromium for the browser test (Playwright drives it; no browser download) and g++
+# for llama-cpp-python's build of llama.cpp.
+SYSDEPS = "chromium:chromium chromium-browser google-chrome" "g++:g++ c++ clang++"
+
+.PHONY: setup sysdeps quickstart test clean
 
 $(BIN)/vlsi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +27,40 @@ $(BIN)/vlsi: pyproject.toml
 
 setup: $(BIN)/vlsi
 
+# Installs what SYSDEPS lists as missing with apt-get when that is allowed without a prompt (root, or
+# passwordless sudo); otherwise stops with the one command to run.
+sysdeps:
+	@missing=""; \
+	for dep in $(SYSDEPS); do \
+		found=""; for cmd in $${dep#*:}; do command -v $$cmd >/dev/null 2>&1 && found=1 && break; done; \
+		[ -n "$$found" ] || missing="$$missing $${dep%%:*}"; \
+	done; \
+	[ -n "$$missing" ] || exit 0; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo "; \
+	else sudo=none; fi; \
+	apt="sudo apt-get update && sudo apt-get install -y --no-install-recommends$$missing"; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make sysdeps: missing$$missing and no apt-get here; install them with the system's package manager (Debian: $$apt)" >&2; \
+		exit 1; \
+	elif [ "$$sudo" = none ]; then \
+		echo "make sysdeps: missing$$missing; run: $$apt" >&2; \
+		exit 1; \
+	fi; \
+	echo "make sysdeps: installing$$missing with apt-get"; \
+	$${sudo}apt-get update -q && \
+	$${sudo}env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends$$missing
+
 # The main job on the built-in synthetic default: data, teacher, data-limited student,
 # VLsI and three equal-compute baselines, evaluation; writes $(OUT)/report.json.
 quickstart: setup
 	$(BIN)/vlsi quickstart --out $(OUT)
 
-$(GGUF): $(BIN)/vlsi
+$(GGUF): $(BIN)/vlsi | sysdeps
 	$(BIN)/pip install -q -e ".[gguf]"
 	@touch $@
 
-test: setup $(GGUF)
+test: sysdeps setup $(GGUF)
 	$(BIN)/python -m pytest -q
 
 clean:

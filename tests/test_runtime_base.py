@@ -106,7 +106,7 @@ def test_max_new_tokens_finishes_with_length():
     (["llo"], "he"),              # the whole of token 2
     (["lo w"], "hel"),            # spans tokens 2 and 3
     (["o wo"], "hell"),           # spans tokens 2 and 3, starting inside token 2
-    (["ld", "o w"], "hell"),      # the earliest stop string wins, whatever the list order
+    (["wor", "o w"], "hell"),     # both complete at token 3: the earliest in the text wins
     (["!"], "hello world"),       # the last token
     (["xyz"], "hello world!"),    # never seen: the whole answer
 ])

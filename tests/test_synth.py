@@ -17,9 +17,10 @@ from PIL import Image
 from vlsi.data import synth
 from vlsi.data.synth import (
     COLOURS, FAMILIES, MC_INSTRUCTION, POSITION_NAMES, POSITIONS, RELATIONS, SHAPES, SPLITS,
-    SynthConfig, corpus_texts, extract_answer, generate, held_out_combos, mc_prompt,
+    SynthConfig, corpus_texts, generate, held_out_combos, mc_prompt,
 )
 from vlsi.errors import ConfigError
+from vlsi.eval import normalize_answer
 
 SPLIT_FILES = [f"{s}.{ext}" for s in SPLITS for ext in ("json", "tsv")] + ["meta.json"]
 ADJ = {"small": ("size", "small"), "large": ("size", "large"),
@@ -153,7 +154,7 @@ def _check_answer(rec: dict, grid: int = 3) -> None:
     q = rec["conversations"][0]["value"]
     assert q.startswith("<image>\n")
     assert ans == ans.lower() and ans.endswith(".") and ans.strip() == ans
-    a = extract_answer(ans)
+    a = normalize_answer(ans)
     t = [objs[i] for i in rec["target"]]
     if fam == "colour":
         assert a == t[0]["colour"]
@@ -218,18 +219,18 @@ def test_questions_name_one_object(data):
 
 
 def test_extract_answer_on_both_forms(reasoning_data):
-    assert extract_answer("red.") == "red"
-    assert extract_answer("  Top Left. ") == "top left"
-    assert extract_answer("The star is in the top left cell and it is red. Answer: red.") == "red"
-    assert extract_answer("a red star at the top, a blue circle at the center.") == \
+    assert normalize_answer("red.") == "red"
+    assert normalize_answer("  Top Left. ") == "top left"
+    assert normalize_answer("The star is in the top left cell and it is red. Answer: red.") == "red"
+    assert normalize_answer("a red star at the top, a blue circle at the center.") == \
         "a red star at the top, a blue circle at the center"
-    assert extract_answer("I think so. answer:  YES ") == "yes"
+    assert normalize_answer("I think so. answer:  YES ") == "yes"
     for split in SPLITS:
         for rec in _load(reasoning_data, split):
             conv = rec["conversations"]
             gpt = conv[1]["value"]
             assert re.fullmatch(r"[A-Z][^\n]*\. Answer: [^\n]+\.", gpt), gpt
-            assert extract_answer(gpt) == extract_answer(rec["answer"])
+            assert normalize_answer(gpt) == normalize_answer(rec["answer"])
             _check_answer(rec, grid=4)
             # extra turns: human/gpt pairs, the image only in the first
             assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
@@ -251,7 +252,7 @@ def test_tsv_rows_are_valid_multiple_choice(data):
             assert row["question"] == rec["conversations"][0]["value"].split("\n", 1)[1]
             opts = [row[L] for L in "ABCD" if row[L]]
             assert len(set(opts)) == len(opts)
-            assert row[row["answer"]] == extract_answer(rec["answer"])
+            assert row[row["answer"]] == normalize_answer(rec["answer"])
             if rec["category"] == "exists":
                 assert sorted(opts) == ["no", "yes"]
             else:

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from vlsi.data.synth import SynthConfig
 from vlsi.errors import VLsIError
 
 # command path -> "module:function" it wraps
@@ -73,17 +74,17 @@ def data():
 
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to create (must not exist, or be empty, unless --overwrite).")
-@click.option("--n", "n", default=2000, show_default=True, help="Training samples; val/test/compositional get n/10 each unless --n-eval.")
-@click.option("--seed", default=0, show_default=True, help="Same seed and options give the same bytes.")
+@click.option("--n", "n", default=SynthConfig.n, show_default=True, help="Training samples; val/test/compositional get n/10 each unless --n-eval.")
+@click.option("--seed", default=SynthConfig.seed, show_default=True, help="Same seed and options give the same bytes.")
 @click.option("--n-eval", type=int, default=None, help="Samples in each of val, test and compositional.")
-@click.option("--image-size", default=84, show_default=True, help="Square image side in pixels (a multiple of 28 for Qwen2-VL).")
-@click.option("--grid", default=3, show_default=True, help="Objects sit on a grid x grid layout.")
-@click.option("--min-objects", default=1, show_default=True, help="Fewest objects per image.")
-@click.option("--max-objects", default=3, show_default=True, help="Most objects per image.")
+@click.option("--image-size", default=SynthConfig.image_size, show_default=True, help="Square image side in pixels (a multiple of 28 for Qwen2-VL).")
+@click.option("--grid", default=SynthConfig.grid, show_default=True, help="Objects sit on a grid x grid layout.")
+@click.option("--min-objects", default=SynthConfig.min_objects, show_default=True, help="Fewest objects per image.")
+@click.option("--max-objects", default=SynthConfig.max_objects, show_default=True, help="Most objects per image.")
 @click.option("--families", default=None, help="Comma-separated question families (default: all); see --list-families.")
 @click.option("--reasoning/--short", default=False, show_default=True, help="Answers with a one-sentence reason before 'Answer: X.'.")
 @click.option("--dots", is_flag=True, help="Draw 0-3 dots inside objects (and ask count questions about them).")
-@click.option("--qa-per-image", default=1, show_default=True, help="Question/answer turns per image (multi-turn records).")
+@click.option("--qa-per-image", default=SynthConfig.qa_per_image, show_default=True, help="Question/answer turns per image (multi-turn records).")
 @click.option("--background", default="grey", show_default=True, help="Background: grey, white, black or #rrggbb.")
 @click.option("--no-mc", is_flag=True, help="Skip the multiple-choice TSV files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")

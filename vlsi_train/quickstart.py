@@ -68,10 +68,6 @@ class Recipe:
     """Seed of the data and the teacher, shared by every run; a run's own seed drives the
     student's initialisation, data order and the matching sampler."""
 
-    def key(self) -> str:
-        blob = json.dumps({"recipe": asdict(self), "code": CODE_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 # settings that change how a run looks, not what it trains
 _COSMETIC = {"progress", "log_every", "out", "threads", "device", "model", "teacher", "data"}

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vlsi.tokenizer import EOS_TOKEN, PAD_TOKEN
+
 
 @dataclass
 class VisionInputs:
@@ -34,9 +36,9 @@ class ArchSpec:
     image_marker: str = ""
     """Text that marks an image in a rendered chat; its ``image_token`` is then repeated once
     per image feature, as the transformers processors do."""
-    end_of_turn: str = "<|im_end|>"
+    end_of_turn: str = EOS_TOKEN
     """Closes every chat turn; generation stops on it."""
-    pad_token: str = "<|endoftext|>"
+    pad_token: str = PAD_TOKEN
     """Pads batches; generation also stops on it."""
     position_axes: int = 1
     """Leading axis of the decoder's ``position_ids``: 3 for M-RoPE (t, h, w), 1 for 1-D RoPE."""

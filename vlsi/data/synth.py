@@ -45,7 +45,7 @@ from vlsi.errors import ConfigError
 __all__ = [
     "FAMILIES", "SPLITS", "COLOURS", "SHAPES", "SIZES", "STYLES", "POSITIONS", "POSITION_NAMES",
     "RELATIONS", "VOCAB_VERSION", "MC_INSTRUCTION", "SynthConfig", "SynthStats", "generate",
-    "extract_answer", "corpus_texts", "held_out_combos", "mc_prompt",
+    "corpus_texts", "held_out_combos", "mc_prompt",
 ]
 
 #: Question families; a record's ``category`` is one of these.
@@ -661,7 +661,7 @@ def generate(out_dir, cfg: SynthConfig | None = None, *, progress: bool = True,
             "config": asdict(cfg), "held_out": [list(p) for p in ctx.held_out],
             "counts": sizes, "families": fams, "colours": {c: list(COLOURS[c]) for c in ctx.colours},
             "shapes": list(SHAPES), "positions": list(ctx.positions), "relations": list(RELATIONS),
-            "answer_format": "short: 'X.'; reasoning: '<sentence> Answer: X.' (extract_answer)",
+            "answer_format": "short: 'X.'; reasoning: '<sentence> Answer: X.' (vlsi.eval.normalize_answer)",
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     seconds = time.perf_counter() - t0
@@ -674,13 +674,6 @@ def generate(out_dir, cfg: SynthConfig | None = None, *, progress: bool = True,
 
 
 # --------------------------------------------------------------------------- answers and corpus
-
-def extract_answer(text: str) -> str:
-    """The normalised short answer of either form (see :func:`vlsi.eval.normalize_answer`)."""
-    from ..eval import normalize_answer
-
-    return normalize_answer(text)
-
 
 def corpus_texts(cfg: SynthConfig | None = None) -> list[str]:
     """Deterministic texts holding every word, number and punctuation mark a question, either
