@@ -31,7 +31,7 @@ FORBIDDEN = {
 TORCH_FREE = [
     "vlsi", "vlsi.errors", "vlsi.images", "vlsi.chat", "vlsi.manifest", "vlsi.llama_cpp", "vlsi.tokenizer",
     "vlsi.atomic", "vlsi.data", "vlsi.data.records", "vlsi.data.loaders",
-    "vlsi.archs", "vlsi.archs.spec",
+    "vlsi.archs", "vlsi.archs.spec", "vlsi.archs.processor",
     "vlsi.archs.qwen2_vl", "vlsi.archs.qwen2_vl.spec", "vlsi.archs.qwen2_vl.image", "vlsi.archs.qwen2_vl.positions",
     "vlsi.archs.qwen2_5_vl", "vlsi.archs.qwen2_5_vl.spec", "vlsi.archs.qwen2_5_vl.vision",
     "vlsi.archs.llava_onevision", "vlsi.archs.llava_onevision.spec", "vlsi.archs.llava_onevision.image",

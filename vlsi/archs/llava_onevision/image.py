@@ -29,13 +29,11 @@ Nothing here imports torch or transformers, not even lazily (a test proves it).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +41,8 @@ from PIL import Image
 
 from vlsi.errors import ConfigError
 from vlsi.images import ImageError
+
+from ..processor import check_pixel_settings, read_preprocessor_config
 
 __all__ = [
     "DEFAULT_PINPOINTS",
@@ -113,22 +113,7 @@ class LlavaOnevisionImageSpec:
         object.__setattr__(self, "image_grid_pinpoints", self._checked_pinpoints(self.image_grid_pinpoints, s))
         for name in ("image_mean", "image_std"):
             object.__setattr__(self, name, _channel_values(name, getattr(self, name)))
-        if any(x == 0 for x in self.image_std):
-            raise ConfigError(f"image spec: image_std has a zero entry {self.image_std}; it is a divisor")
-        if isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float)):
-            raise ConfigError(f"image spec: rescale_factor must be a number, got {self.rescale_factor!r}")
-        object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
-        try:
-            resample = int(self.resample)
-            Image.Resampling(resample)
-        except (TypeError, ValueError):
-            allowed = ", ".join(f"{r.value} ({r.name.lower()})" for r in Image.Resampling)
-            raise ConfigError(
-                f"image spec: resample must be a Pillow filter number, one of {allowed}; got {self.resample!r}"
-            ) from None
-        object.__setattr__(self, "resample", resample)
-        for name in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
+        check_pixel_settings(self, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb", "do_pad"))
 
     @staticmethod
     def _checked_pinpoints(points, tile: int) -> tuple[tuple[int, int], ...]:
@@ -163,7 +148,7 @@ class LlavaOnevisionImageSpec:
         ``LlavaOnevisionImageProcessorPil``); unknown keys are ignored. Settings that
         transformers would turn into non-square or partial tiles are refused.
         """
-        cfg, where = _read_config(path_or_dict)
+        cfg, where = read_preprocessor_config(path_or_dict)
         kw: dict[str, Any] = {}
         size = cfg.get("size")
         if size is not None:
@@ -206,25 +191,6 @@ class LlavaOnevisionImageSpec:
                 f"image is {width}x{height} (width x height): its unpadded tile grid of {rows}x{cols} patches "
                 f"shrinks to {out[0]}x{out[1]} under anyres_max, which LLaVA-OneVision (torch interpolate) "
                 f"cannot do; crop it or pad the short side to a less extreme aspect ratio")
-
-
-def _read_config(path_or_dict) -> tuple[dict, str]:
-    if isinstance(path_or_dict, dict):
-        return path_or_dict, "<preprocessor config dict>"
-    if not isinstance(path_or_dict, (str, os.PathLike)):
-        raise ConfigError(f"from_preprocessor_config takes a path or a dict, got {type(path_or_dict).__name__}")
-    p = Path(path_or_dict).expanduser()
-    if p.is_dir():
-        p = p / "preprocessor_config.json"
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p} not found: pass a preprocessor_config.json or the model folder holding it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read it as JSON: {type(e).__name__}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{p}: expected a JSON object at the top level, got {type(cfg).__name__}")
-    return cfg, str(p)
 
 
 def _tile_from_size(size, where: str) -> int:

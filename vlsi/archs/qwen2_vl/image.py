@@ -22,12 +22,10 @@ uses the same processor. Decoding, EXIF orientation and the size guards are
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +33,8 @@ from PIL import Image
 
 from vlsi.errors import ConfigError
 from vlsi.images import ImageError, to_rgb_like_transformers
+
+from ..processor import check_pixel_settings, read_preprocessor_config
 
 #: ``smart_resize`` (and so transformers) refuses images whose long side / short side exceeds this.
 MAX_ASPECT_RATIO = 200
@@ -86,22 +86,7 @@ class Qwen2VLImageSpec:
             if not v:
                 raise ConfigError(f"image spec: {name} is empty; give one value per channel (3 for RGB)")
             object.__setattr__(self, name, v)
-        if any(s == 0 for s in self.image_std):
-            raise ConfigError(f"image spec: image_std has a zero entry {self.image_std}; it is a divisor")
-        if isinstance(self.rescale_factor, bool) or not isinstance(self.rescale_factor, (int, float)):
-            raise ConfigError(f"image spec: rescale_factor must be a number, got {self.rescale_factor!r}")
-        object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
-        try:
-            resample = int(self.resample)
-            Image.Resampling(resample)
-        except (TypeError, ValueError):
-            allowed = ", ".join(f"{r.value} ({r.name.lower()})" for r in Image.Resampling)
-            raise ConfigError(
-                f"image spec: resample must be a Pillow filter number, one of {allowed}; got {self.resample!r}"
-            ) from None
-        object.__setattr__(self, "resample", resample)
-        for name in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
+        check_pixel_settings(self, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
 
     @property
     def factor(self) -> int:
@@ -125,27 +110,7 @@ class Qwen2VLImageSpec:
         ``min_pixels`` / ``max_pixels`` (older configs, e.g. Qwen2-VL-2B-Instruct's) override
         it. Missing or null keys take the class defaults; unknown keys are ignored.
         """
-        if isinstance(path_or_dict, dict):
-            cfg, where = path_or_dict, "<preprocessor config dict>"
-        elif isinstance(path_or_dict, (str, os.PathLike)):
-            p = Path(path_or_dict).expanduser()
-            if p.is_dir():
-                p = p / "preprocessor_config.json"
-            where = str(p)
-            try:
-                cfg = json.loads(p.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise ConfigError(
-                    f"{where} not found: pass a preprocessor_config.json or the model folder holding it"
-                ) from None
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ConfigError(f"{where}: cannot read it as JSON: {type(e).__name__}: {e}") from None
-            if not isinstance(cfg, dict):
-                raise ConfigError(f"{where}: expected a JSON object at the top level, got {type(cfg).__name__}")
-        else:
-            raise ConfigError(
-                f"from_preprocessor_config takes a path or a dict, got {type(path_or_dict).__name__}"
-            )
+        cfg, where = read_preprocessor_config(path_or_dict)
 
         defaults = cls()
         kw: dict[str, Any] = {}
