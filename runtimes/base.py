@@ -104,12 +104,13 @@ class Runtime:
         rng = np.random.default_rng(seed)
         encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
         state, logits = self._prefill(encoded)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             tok = self._pick(logits[source], temperature, top_p, rng)
             if tok in self.eos_ids and not ignore_eos:
                 return
             yield tok
-            logits = self._step(state, tok)
+            if i + 1 < max_new_tokens:  # the last token needs no forward pass after it
+                logits = self._step(state, tok)
 
     def generate(self, images, prompt: str | Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False, seed: int = 0):
@@ -118,6 +119,7 @@ class Runtime:
         (encoded with ``images``) or a :class:`Prompt` from :meth:`encode`.
 
         Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string."""
+        self._check(max_new_tokens, temperature, top_p)  # now, not at the first piece of a stream
         encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
         gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed)
         return gen if stream else "".join(gen)

@@ -192,8 +192,12 @@ class LlamaCppRuntime(Runtime):
         mcp.print_timings = False
         mcp.n_threads = threads
         mcp.warmup = False
-        mcp.image_min_tokens = int(limits.get("image_min_tokens", -1))
-        mcp.image_max_tokens = int(limits.get("image_max_tokens", -1))
+        # images arrive resized by the model's own processor rules (``_encode``), whose output can
+        # lie outside its pixel bounds (a small image grown past max_pixels, a panorama's short
+        # side clamped to one merge unit): bounds that take any such size keep mtmd from resizing
+        # them again. The manifest's bounds are for llama.cpp's own tools, which do not pre-resize.
+        mcp.image_min_tokens = 1
+        mcp.image_max_tokens = max(int(limits.get("image_max_tokens", 1)), 1 << 16)
         self.mctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.model, mcp)
         if not self.mctx:
             raise ArtifactError(f"llama.cpp could not load the vision projector {mmproj} with {text}: truncated, or "

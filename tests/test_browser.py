@@ -1,6 +1,6 @@
 """The demo page in a real browser: Playwright driving Debian's chromium against `vlsi serve`.
 
-Needs Playwright (dev extra) and a chromium on PATH (Debian's package; `.ci/run` installs it).
+Needs Playwright (dev extra) and a chromium on PATH (Debian's package; `make test` installs it through `make sysdeps`).
 The screenshot lands in ``test-artifacts/``.
 """
 
@@ -32,7 +32,7 @@ def browser():
     from playwright.sync_api import sync_playwright  # the dev extra
 
     exe = _chromium()
-    assert exe, "no chromium on PATH: install it (Debian: apt-get install chromium); .ci/run does"
+    assert exe, "no chromium on PATH: run `make sysdeps` (Debian: apt-get install chromium)"
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=FLAGS)
         yield b

@@ -10,7 +10,7 @@ from vlsi.data.encode import Encoder
 from vlsi.data.records import Record, Turn
 from vlsi.errors import ConfigError
 from vlsi.tiny import build_tiny
-from vlsi.verbalizer import ARCHS, VerbalizerConfig, Verbalizers, forward_with_verbalizers, parse_target_layers
+from vlsi.verbalizer import ARCHS, VerbalizerConfig, Verbalizers, VerbalizerTap, parse_target_layers
 
 from .conftest import png_bytes
 
@@ -49,14 +49,14 @@ def test_config_validation_names_the_key():
 def test_shapes_for_every_variant(setup, arch, depth):
     model, inputs, batch = setup
     v = Verbalizers.for_model(model, VerbalizerConfig((1, 3, 5), arch=arch, depth=depth))
-    final, logits = forward_with_verbalizers(model, v, **inputs)
+    final, logits = VerbalizerTap(model, v).forward(inputs)
     b, length = inputs["input_ids"].shape
     assert set(logits) == {1, 3, 5}
     for x in logits.values():
         assert x.shape == (b, length, model.config.text_config.vocab_size)
         assert torch.isfinite(x).all()
     select = batch["labels"] != -100
-    sel_final, sel = forward_with_verbalizers(model, v, select=select, **inputs)
+    sel_final, sel = VerbalizerTap(model, v).forward(inputs, select)
     assert sel[3].shape == (int(select.sum()), model.config.text_config.vocab_size)
     torch.testing.assert_close(sel[3], logits[3][select])
     torch.testing.assert_close(sel_final, final[select])  # the final head read at the final norm
@@ -70,18 +70,18 @@ def test_untrained_head_is_the_logit_lens(setup):
     v = Verbalizers.for_model(model, VerbalizerConfig((2,)))
     out = model(**inputs, output_hidden_states=True)
     lens = model.lm_head(model.model.language_model.norm(out.hidden_states[2]))
-    _, logits = forward_with_verbalizers(model, v, **inputs)
+    _, logits = VerbalizerTap(model, v).forward(inputs)
     torch.testing.assert_close(logits[2], lens, atol=1e-5, rtol=1e-5)
 
 
 def test_verbalizers_off_equals_plain_model_bit_for_bit(setup):
     model, inputs, _ = setup
     plain = model(**inputs).logits
-    off, extra = forward_with_verbalizers(model, None, **inputs)
+    off, extra = VerbalizerTap(model, None).forward(inputs)
     assert extra == {}
     assert torch.equal(off, plain)
     v = Verbalizers.for_model(model, VerbalizerConfig((1, 3), arch="decoder_block"))
-    on, _ = forward_with_verbalizers(model, v, **inputs)
+    on, _ = VerbalizerTap(model, v).forward(inputs)
     assert torch.equal(on, plain)  # hooks only read
 
 
@@ -95,7 +95,7 @@ def test_verbalizers_train_while_backbone_stays_frozen(setup):
     target = batch["labels"][:, 1:][select]
     losses = []
     for _ in range(15):
-        _, logits = forward_with_verbalizers(model, v, **inputs)
+        _, logits = VerbalizerTap(model, v).forward(inputs)
         loss = torch.nn.functional.cross_entropy(logits[1][:, :-1][select], target)
         opt.zero_grad()
         loss.backward()
@@ -140,8 +140,6 @@ def decoder_block_ckpt(tmp_path_factory):
 
 def _full_sequence_logits(ck, batch, continuation):
     """Reference: one forward over prompt + continuation (no cache), per-position logits."""
-    from vlsi.verbalizer import forward_with_verbalizers
-
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     n = len(continuation)
     cont = torch.tensor([continuation])
@@ -150,7 +148,7 @@ def _full_sequence_logits(ck, batch, continuation):
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)
     inputs["position_ids"] = torch.cat([pos, pos.max(dim=-1, keepdim=True).values + torch.arange(1, n + 1)], dim=-1)
     with torch.no_grad():
-        final, per_layer = forward_with_verbalizers(ck.model, ck.verbalizers, **inputs)
+        final, per_layer = VerbalizerTap(ck.model, ck.verbalizers).forward(inputs)
     start = batch["input_ids"].shape[1] - 1
     return [{"final": final[0, start + i], **{k: v[0, start + i] for k, v in per_layer.items()}} for i in range(n + 1)]
 
@@ -198,10 +196,9 @@ def test_incremental_decoding_equals_the_full_sequence(setup, tokenizer, arch):
     """``VerbalizerTap.prefill``/``step`` on a left-padded batch give, at every step, the
     logits a full-sequence forward gives at the newest position, for every head variant
     (``decoder_block`` heads attend over the history the tap keeps, padding masked)."""
-    from vlsi.verbalizer import VerbalizerTap
-
     model, _, _ = setup
-    enc = Encoder(get_adapter(model), tokenizer, build_tiny("qwen2_vl", "student", tokenizer=tokenizer)[2], model.config)
+    proc = build_tiny("qwen2_vl", "student", tokenizer=tokenizer)[2]
+    enc = Encoder(get_adapter(model), tokenizer, proc, model.config)
     recs = [Record(id=str(i), turns=(Turn("user", "<image>\nWhat shape" + " is it?" * 2 * i),),
                    images=(png_bytes(color=(90 * i, 100, 50)),), source="mem") for i in range(2)]
     batch = enc.collate([enc.encode(r, for_generation=True) for r in recs], pad_left=True)
@@ -232,8 +229,6 @@ def test_incremental_decoding_equals_the_full_sequence(setup, tokenizer, arch):
 
 
 def test_tap_streams_layers_on_demand_and_names_missing_layers(setup):
-    from vlsi.verbalizer import VerbalizerTap
-
     model, inputs, batch = setup
     v = Verbalizers.for_model(model, VerbalizerConfig((1, 3, 5)))
     select = batch["labels"] != -100

@@ -30,9 +30,11 @@ def greedy_generate(model, batch: dict, max_new_tokens: int, eos_ids, verbalizer
     eos = torch.tensor(sorted(set(eos_ids)), device=attention_mask.device)
     done = torch.zeros(b, dtype=torch.bool, device=attention_mask.device)
     out = [[] for _ in range(b)]
+    if max_new_tokens < 1:
+        return out
     tap = VerbalizerTap(model, verbalizers if source is not None else None, () if source is None else (source,))
+    final, per_layer = tap.prefill(inputs)
     for i in range(max_new_tokens):
-        final, per_layer = tap.prefill(inputs) if i == 0 else tap.step(nxt)
         nxt = (final if source is None else per_layer[source]).argmax(-1)
         for row in range(b):
             if not done[row]:
@@ -40,6 +42,7 @@ def greedy_generate(model, batch: dict, max_new_tokens: int, eos_ids, verbalizer
                     done[row] = True
                 else:
                     out[row].append(int(nxt[row]))
-        if bool(done.all()):
+        if bool(done.all()) or i == max_new_tokens - 1:
             break
+        final, per_layer = tap.step(nxt)
     return out

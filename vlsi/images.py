@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, VLsIError
 
@@ -151,7 +151,12 @@ def _check_geometry(width: int, height: int, spec, max_input_pixels: int, where:
             raise ImageError(f"{where}: {e}") from None
 
 
+_FORMATS = "send a PNG, JPEG, WebP, GIF, BMP or TIFF file"
+
+
 def _from_bytes(data: bytes, spec, max_input_pixels: int, where: str) -> Image.Image:
+    if not data:
+        raise ImageError(f"{where}: cannot decode the image, it is empty (0 bytes); {_FORMATS}")
     try:
         head = Image.open(io.BytesIO(data))  # reads the header only
     except Image.DecompressionBombError as e:
@@ -166,9 +171,12 @@ def _from_bytes(data: bytes, spec, max_input_pixels: int, where: str) -> Image.I
             f"{limit}, a decompression-bomb guard; it was not decoded. Downscale it before sending it"
         ) from None
     except Exception as e:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, ...
+        # Pillow's UnidentifiedImageError names the BytesIO object it read, memory address and
+        # all: the message would differ from call to call (and backend to backend)
+        why = "Pillow recognises no image format in it" if isinstance(e, UnidentifiedImageError) else e
         raise ImageError(
             f"{where}: cannot decode the image, it is corrupt or not an image file "
-            f"({type(e).__name__}: {e}); send a PNG, JPEG, WebP, GIF, BMP or TIFF file"
+            f"({type(e).__name__}: {why}); {_FORMATS}"
         ) from None
     with head:
         width, height = head.size

@@ -36,7 +36,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def folder_hash(folder: str | Path, patterns=("*.json", "*.safetensors")) -> str:
+def folder_hash(folder: str | Path, patterns=("*.json", "*.safetensors", "*.jinja")) -> str:
     """A stable hash of a checkpoint folder's weights and configs (names and contents)."""
     folder = Path(folder)
     h = hashlib.sha256()

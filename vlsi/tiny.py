@@ -88,11 +88,14 @@ def default_tokenizer():
     return build_tokenizer(corpus_texts())
 
 
-def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: int = 0, tokenizer=None):
+def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: int = 0, tokenizer=None,
+               vocab_size: int | None = None):
     """Build a randomly initialised tiny model.
 
     Returns ``(model, tokenizer, image_processor, spec)``; ``tokenizer`` is a
-    ``tokenizers.Tokenizer`` (the default synthetic one unless given).
+    ``tokenizers.Tokenizer`` (the default synthetic one unless given). ``vocab_size`` sets the
+    embedding's rows (default: the tokenizer's size rounded up by :func:`padded_vocab`); more
+    rows than tokens is a padded vocabulary, as real Qwen2-VL has (151,936 rows, 151,646 tokens).
     """
     import torch
 
@@ -106,7 +109,12 @@ def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: i
     else:
         spec = size
     tok = tokenizer if tokenizer is not None else default_tokenizer()
-    config = adapter.tiny_config(spec, padded_vocab(tok.get_vocab_size()), token_ids(tok))
+    n_tokens = tok.get_vocab_size()
+    if vocab_size is None:
+        vocab_size = padded_vocab(n_tokens)
+    elif vocab_size < n_tokens:
+        raise ConfigError(f"vocab_size={vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
+    config = adapter.tiny_config(spec, int(vocab_size), token_ids(tok))
     torch.manual_seed(seed)
     model = adapter.model_class()(config)
     model.eval()

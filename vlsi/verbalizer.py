@@ -389,7 +389,8 @@ class VerbalizerTap:
             return final, {}
         head = self.lm_head()
         if on_demand:
-            return final, _OnDemand(self.layers, lambda k: self.verbalizers.layer_logits(k, hidden[k], head, mask, select))
+            return final, _OnDemand(self.layers,
+                                    lambda k: self.verbalizers.layer_logits(k, hidden[k], head, mask, select))
         return final, self.verbalizers(hidden, head, mask, select, layers=self.layers)
 
     # ------------------------------------------------------------------ decoding
@@ -424,8 +425,3 @@ class VerbalizerTap:
                     per_layer[k] = lm_head(head(hidden[k][:, -1:])[:, -1])
         return out.logits[:, -1], per_layer
 
-
-def forward_with_verbalizers(model, verbalizers: Verbalizers | None, select=None, **inputs):
-    """``VerbalizerTap(model, verbalizers).forward(inputs, select)``: final logits and
-    ``{layer: logits}`` (an empty dict without verbalizers)."""
-    return VerbalizerTap(model, verbalizers).forward(inputs, select)

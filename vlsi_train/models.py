@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-import torch
 
 from vlsi.archs import get_adapter
 from vlsi.checkpoint import Checkpoint, load_checkpoint
@@ -80,24 +78,3 @@ def add_lora(model, cfg: TrainConfig):
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=get_adapter(model).lora_targets, bias="none")
     return get_peft_model(model, lcfg)
-
-
-@dataclass
-class FinalTap:
-    """Captures the final-norm output so the LM head runs on answer tokens only."""
-
-    model: object
-    captured: torch.Tensor | None = None
-
-    def __enter__(self):
-        norm = get_adapter(self.model).final_norm(self.model)
-
-        def hook(_m, _i, out):
-            self.captured = out
-
-        self._h = norm.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self._h.remove()
-        return False
