@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import DataError, VLsIError
 
 __all__ = ["DEFAULT_MAX_INPUT_PIXELS", "ImageError", "ensure_rgb", "load_image", "to_rgb",
-           "to_rgb_like_transformers", "validate_image"]
+           "pil_images", "to_rgb_like_transformers", "validate_image"]
 
 #: Default decompression-bomb guard: images with more pixels than this are refused unread.
 DEFAULT_MAX_INPUT_PIXELS = 50_000_000
@@ -127,6 +127,19 @@ def to_rgb_like_transformers(im: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def pil_images(images) -> list[Image.Image]:
+    """One PIL image or an iterable of them as a non-empty list, for an architecture's
+    preprocessing; anything else is an :class:`ImageError` pointing at :func:`load_image`."""
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    if not images:
+        raise ImageError("preprocessing got no images")
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise ImageError(f"image {i} is a {type(im).__name__}, expected a PIL.Image.Image; "
+                             "use vlsi.images.load_image() for bytes and paths")
+    return images
 
 
 _PIL_PIXELS = re.compile(r"\((\d+) pixels\)")

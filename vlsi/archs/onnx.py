@@ -151,6 +151,17 @@ class OnnxGraphs:
         """Every vision input varies along its first axis (patches, tiles or tokens)."""
         return {n: {0: torch.export.Dim.DYNAMIC} for n in names}
 
+    def export_vision(self, module: nn.Module, example: dict, path: Path) -> list[str]:
+        """Export the vision ``module`` traced with ``example`` (inputs by name, numpy or torch,
+        in argument order) to ``path``; returns the input names."""
+        names = list(example)
+        args = tuple(torch.as_tensor(np.ascontiguousarray(v)) for v in example.values())
+        with torch.no_grad():
+            torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["image_embeds"],
+                              dynamic_shapes=self.vision_dynamic_shapes(names), dynamo=True, verbose=False,
+                              opset_version=OPSET)
+        return names
+
     def export(self, ck, verbalizers, folder: Path, model_block: dict) -> dict[str, dict]:
         """Write ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` (fp32) into ``folder``;
         returns ``{graph: {"inputs": [...], "outputs": [...]}}``."""
@@ -160,12 +171,8 @@ class OnnxGraphs:
         quiet = {"dynamo": True, "verbose": False, "opset_version": OPSET}
         io = {}
 
-        feeds = self.vision_example(ck, model_block)
-        names = list(feeds)
-        vis = self.vision(ck, model_block).eval()
-        torch.onnx.export(vis, tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()),
-                          str(folder / "vision.onnx"), input_names=names, output_names=["image_embeds"],
-                          dynamic_shapes=self.vision_dynamic_shapes(names), **quiet)
+        names = self.export_vision(self.vision(ck, model_block), self.vision_example(ck, model_block),
+                                   folder / "vision.onnx")
         io["vision"] = {"inputs": names, "outputs": ["image_embeds"]}
 
         emb = TokenEmbedding(ck.adapter.embed_tokens(model)).eval()

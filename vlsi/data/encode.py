@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-from .records import LoadReport, Record
+from .records import Record
 from ..chat import DEFAULT_SYSTEM, IGNORE_INDEX
 
 
@@ -76,19 +76,6 @@ class Encoder:
             return expand_images(ids, labels, self.image_token_id, counts)
         except ValueError as e:
             raise DataError(record.source, record.id, str(e)) from None
-
-    def encode_all(self, records, for_generation: bool = False, skip_bad: bool = False):
-        """Encode many records; bad ones raise, or with ``skip_bad`` are counted in the report."""
-        out, report = [], LoadReport(path=records[0].source if records else "")
-        for r in records:
-            try:
-                out.append(self.encode(r, for_generation))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                report.skipped.append(f"record {r.id}: {e.reason}")
-        report.kept = len(out)
-        return out, report
 
     def collate(self, items: list[Encoded], pad_left: bool = False) -> dict:
         """Pad a list of encoded records into a batch of tensors for the model's forward.

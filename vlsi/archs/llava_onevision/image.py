@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from vlsi.errors import ConfigError
-from vlsi.images import ImageError
+from vlsi.images import ImageError, pil_images
 
 from ..processor import check_pixel_settings, read_preprocessor_config
 
@@ -387,15 +387,9 @@ def preprocess_images(images: Image.Image | Iterable[Image.Image], spec: LlavaOn
     one tile per image. A prompt with a single image is always tiled (``[[im]]`` included).
     """
     spec = spec or LlavaOnevisionImageSpec()
-    if isinstance(images, Image.Image):
-        images = [images]
-    images = list(images)
-    if not images:
-        raise ImageError("preprocess_images got no images")
+    images = pil_images(images)
     tiles, sizes = [], []
     for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise ImageError(f"image {i} is a {type(im).__name__}, expected a PIL.Image.Image")
         try:
             spec.check_size(im.height, im.width)
             rgb = _to_rgb(im, spec)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..onnx import OPSET, OnnxGraphs
+from ..onnx import OnnxGraphs
 from .image import LlavaOnevisionImageSpec, grid_shape, pack_inputs
 INPUT_NAMES = ["pixel_values", "gather_index", "gather_weight"]
 OUTPUT_NAMES = ["image_embeds"]
@@ -113,15 +113,8 @@ def export_vision(model, path, example_sizes=((84, 168), (250, 83))) -> Path:
     """Export ``VisionEncoder(model)`` to ``path`` (fp32, opset 23, dynamo), dynamic in the tile
     axis of ``pixel_values`` and the token axis of the gather inputs; ``example_sizes`` only
     shape the trace (two images of different grids, so that no count is special)."""
-    enc = VisionEncoder(model).eval()
-    args = example_inputs(model, example_sizes)
-    # named dims: they become the graph's dim_params, so runtimes see "tiles" and "tokens"
-    tiles, tokens = torch.export.Dim("tiles"), torch.export.Dim("tokens")
-    with torch.no_grad():
-        torch.onnx.export(enc, args, str(path), input_names=enc.input_names, output_names=enc.output_names,
-                          dynamic_shapes={"pixel_values": {0: tiles}, "gather_index": {0: tokens},
-                                          "gather_weight": {0: tokens}},
-                          dynamo=True, opset_version=OPSET, verbose=False)
+    example = dict(zip(INPUT_NAMES, example_inputs(model, example_sizes)))
+    LlavaOnevisionOnnx().export_vision(VisionEncoder(model), example, Path(path))
     return Path(path)
 
 
@@ -132,6 +125,7 @@ class LlavaOnevisionOnnx(OnnxGraphs):
         return VisionEncoder(ck.model)
 
     def vision_dynamic_shapes(self, names):
-        # the two gather inputs share their token axis
+        # the two gather inputs share their token axis; named dims become the graph's dim_params,
+        # so runtimes see "tiles" and "tokens"
         tiles, tokens = torch.export.Dim("tiles"), torch.export.Dim("tokens")
         return {"pixel_values": {0: tiles}, "gather_index": {0: tokens}, "gather_weight": {0: tokens}}

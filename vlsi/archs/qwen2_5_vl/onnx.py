@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..onnx import OPSET, OnnxGraphs, rotate_half
+from ..onnx import OnnxGraphs, rotate_half
 from .vision import INPUT_NAMES, vision_inputs
 
 
@@ -92,13 +92,8 @@ def export_vision(visual, path, example_grid=((1, 4, 4), (1, 6, 10))) -> Path:
     """Export ``VisionEncoder(visual)`` to ``path`` (fp32, opset 23, dynamo), dynamic in the
     patch axis of every input; ``example_grid`` only shapes the trace (two images by default,
     so that no size is special)."""
-    enc = VisionEncoder(visual).eval()
-    args = example_inputs(visual, example_grid)
-    dyn = torch.export.Dim.DYNAMIC
-    with torch.no_grad():
-        torch.onnx.export(enc, args, str(path), input_names=enc.input_names, output_names=enc.output_names,
-                          dynamic_shapes={name: {0: dyn} for name in enc.input_names},
-                          dynamo=True, opset_version=OPSET, verbose=False)
+    example = dict(zip(VisionEncoder.input_names, example_inputs(visual, example_grid)))
+    Qwen25VLOnnx().export_vision(VisionEncoder(visual), example, Path(path))
     return Path(path)
 
 

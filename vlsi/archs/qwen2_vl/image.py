@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from vlsi.errors import ConfigError
-from vlsi.images import ImageError, to_rgb_like_transformers
+from vlsi.images import ImageError, pil_images, to_rgb_like_transformers
 
 from ..processor import check_pixel_settings, read_preprocessor_config
 
@@ -283,18 +283,9 @@ def preprocess_images(
     and the size guards.
     """
     spec = spec or Qwen2VLImageSpec()
-    if isinstance(images, Image.Image):
-        images = [images]
-    images = list(images)
-    if not images:
-        raise ImageError("preprocess_images got no images")
+    images = pil_images(images)
     patches, grids = [], []
     for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise ImageError(
-                f"image {i} is a {type(im).__name__}, expected a PIL.Image.Image; "
-                f"use vlsi.images.load_image() for bytes and paths"
-            )
         try:
             p, g = _one_image(im, spec)
         except ImageError as e:
