@@ -34,7 +34,7 @@ def _mem_mb(pid: int) -> tuple[float, float]:
 
 def measure(model: str, records: list[dict], root: Path, runs: int, max_tokens: int) -> dict:
     port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "vlsi.cli", "serve", model, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "vlsi_cli", "serve", model, "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=open(os.devnull, "w") if os.environ.get("QUIET") else None)
     url = f"http://127.0.0.1:{port}"
     try:
