@@ -222,12 +222,16 @@ def _export_options(f):
     common = {fld.name for fld in dataclasses.fields(CommonOptions)}
     for key, uses in reversed(list(seen.items())):
         fld = uses[0][1]
-        helptext = fld.metadata["help"]
+        helps = {fl.metadata["help"] for _, fl in uses}
+        helptext = fld.metadata["help"] if len(helps) == 1 else " ".join(
+            f"{t}: {fl.metadata['help']}" for t, fl in uses)
         if key not in common:
             where = ", ".join(f"{t}: {fl.default}" for t, fl in uses)
             choices = "; ".join(f"{t}: {', '.join(map(str, fl.metadata['choices']))}" for t, fl in uses
                                 if fl.metadata.get("choices"))
             helptext = f"[{where}] {helptext}" + (f" Choices: {choices}." if choices else "")
+        elif fld.default not in (None, False):
+            helptext = f"{helptext} [default: {fld.default}]"
         if fld.type in ("bool", bool):
             f = click.option(f"{flag(key)}/--no-{flag(key)[2:]}", key, default=None, help=helptext)(f)
         else:
