@@ -11,6 +11,10 @@ from PIL import Image
 
 from vlsi.errors import ConfigError
 
+#: OpenAI CLIP's normalisation, the default of both Qwen2-VL's and LLaVA-OneVision's processors.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def read_preprocessor_config(path_or_dict) -> tuple[dict, str]:
     """``(config, where)`` from a ``preprocessor_config.json``, the folder holding it, or its dict;

@@ -42,7 +42,7 @@ from PIL import Image
 from vlsi.errors import ConfigError
 from vlsi.images import ImageError, pil_images
 
-from ..processor import check_pixel_settings, read_preprocessor_config
+from ..processor import CLIP_MEAN, CLIP_STD, check_pixel_settings, read_preprocessor_config
 
 __all__ = [
     "DEFAULT_PINPOINTS",
@@ -55,8 +55,6 @@ __all__ = [
     "preprocess_images",
 ]
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: transformers' class default: every grid of 1..6 x 1..6 tiles of 384 px.
 DEFAULT_PINPOINTS = tuple((384 * r, 384 * c) for r in range(1, 7) for c in range(1, 7))
 #: ``pack_image_features`` shrinks the unpadded grid only when it exceeds the budget by this.
@@ -97,8 +95,8 @@ class LlavaOnevisionImageSpec:
 
     tile_size: int = 384
     image_grid_pinpoints: tuple = DEFAULT_PINPOINTS
-    image_mean: tuple = _CLIP_MEAN
-    image_std: tuple = _CLIP_STD
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
     rescale_factor: float = 1 / 255
     resample: int = 3  # PIL.Image.Resampling.BICUBIC
     do_resize: bool = True

@@ -34,13 +34,11 @@ from PIL import Image
 from vlsi.errors import ConfigError
 from vlsi.images import ImageError, pil_images, to_rgb_like_transformers
 
-from ..processor import check_pixel_settings, read_preprocessor_config
+from ..processor import CLIP_MEAN, CLIP_STD, check_pixel_settings, read_preprocessor_config
 
 #: ``smart_resize`` (and so transformers) refuses images whose long side / short side exceeds this.
 MAX_ASPECT_RATIO = 200
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 
@@ -58,8 +56,8 @@ class Qwen2VLImageSpec:
     merge_size: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
-    image_mean: tuple = _CLIP_MEAN
-    image_std: tuple = _CLIP_STD
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
     rescale_factor: float = 1 / 255
     resample: int = 3  # PIL.Image.Resampling.BICUBIC
     do_resize: bool = True
