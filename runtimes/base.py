@@ -142,6 +142,38 @@ class Runtime:
         return out
 
 
+class SpecRuntime(Runtime):
+    """A backend whose prompts and images are prepared on the host by the architecture's
+    torch-free spec (ONNX Runtime, TensorRT): the chat layout, image checks, preprocessing and
+    image-token expansion are written once here. Subclasses set ``tok``, ``spec``,
+    ``image_spec``, ``model`` (the manifest's model block) and ``image_token_id``, and run the
+    vision graph in :meth:`_vision`."""
+
+    def _vision(self, vision) -> np.ndarray:
+        raise NotImplementedError
+
+    def _encode(self, images, text):
+        from vlsi.chat import chat_ids, expand_images
+        from vlsi.images import load_image
+
+        pil = [load_image(im, self.image_spec) for im in images]
+        ids, _ = chat_ids(self.tok, self.user_turns(pil, text), self.spec.image_marker, for_generation=True)
+        vision = None
+        if pil:
+            vision = self.spec.prepare_images(pil, self.image_spec, self.model)
+            ids, _ = expand_images(ids, [0] * len(ids), self.image_token_id, vision.tokens)
+        return Prompt(ids, vision)
+
+    def image_embeds(self, images) -> np.ndarray:
+        from vlsi.images import load_image
+
+        pil = [load_image(im, self.image_spec) for im in images]
+        return np.asarray(self._vision(self.spec.prepare_images(pil, self.image_spec, self.model)), np.float32)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
 class Generation:
     """Text pieces as they are decoded; afterwards ``prompt_tokens``, ``completion_tokens``,
     ``text`` and ``finish_reason`` (``"stop"``: end of sequence or a stop string,

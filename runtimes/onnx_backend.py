@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from vlsi.archs import get_spec
-from vlsi.chat import chat_ids, expand_images
-from vlsi.images import load_image
 from vlsi.manifest import ArtifactError, load_manifest
 
-from .base import FINAL, Prompt, Runtime
+from .base import FINAL, Prompt, SpecRuntime
 
 
 def default_providers() -> list[str]:
@@ -28,7 +26,7 @@ def default_providers() -> list[str]:
     return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
-class OnnxRuntime(Runtime):
+class OnnxRuntime(SpecRuntime):
     name = "onnx"
 
     def __init__(self, folder, providers: list[str] | None = None, threads: int = 0, parity: bool = False):
@@ -62,15 +60,6 @@ class OnnxRuntime(Runtime):
             raise ArtifactError(f"{self.folder}: decoder.onnx lacks outputs {sorted(want - outs)[:4]}; re-export it")
 
     # ------------------------------------------------------------------ pieces
-    def _encode(self, images, text):
-        pil = [load_image(im, self.image_spec) for im in images]
-        ids, _ = chat_ids(self.tok, self.user_turns(pil, text), self.spec.image_marker, for_generation=True)
-        vision = None
-        if pil:
-            vision = self.spec.prepare_images(pil, self.image_spec, self.model)
-            ids, _ = expand_images(ids, [0] * len(ids), self.image_token_id, vision.tokens)
-        return Prompt(ids, vision)
-
     def _run_graph(self, name: str, feeds: dict) -> dict[str, np.ndarray]:
         """Run graph ``name`` on the inputs it lists; its outputs by name."""
         g = self.graphs[name]
@@ -82,10 +71,6 @@ class OnnxRuntime(Runtime):
 
     def _vision(self, vision) -> np.ndarray:
         return self._run_graph("vision", vision.feeds)["image_embeds"]
-
-    def image_embeds(self, images) -> np.ndarray:
-        pil = [load_image(im, self.image_spec) for im in images]
-        return self._vision(self.spec.prepare_images(pil, self.image_spec, self.model))
 
     def _run(self, state, embeds, positions):
         feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, state["length"] + embeds.shape[1]), np.int64),
@@ -118,6 +103,3 @@ class OnnxRuntime(Runtime):
         pos = np.full((self.spec.position_axes, 1, 1), state["next_pos"], np.int64)
         state["next_pos"] += 1
         return self._run(state, emb, pos)
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)

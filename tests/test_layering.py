@@ -31,11 +31,14 @@ FORBIDDEN = {
 TORCH_FREE = [
     "vlsi", "vlsi.errors", "vlsi.images", "vlsi.chat", "vlsi.manifest", "vlsi.llama_cpp", "vlsi.tokenizer",
     "vlsi.atomic", "vlsi.data", "vlsi.data.records", "vlsi.data.loaders",
-    "vlsi.archs", "vlsi.archs.spec", "vlsi.archs.processor",
+    "vlsi.archs", "vlsi.archs.spec", "vlsi.archs.processor", "vlsi.archs.rope",
     "vlsi.archs.qwen2_vl", "vlsi.archs.qwen2_vl.spec", "vlsi.archs.qwen2_vl.image", "vlsi.archs.qwen2_vl.positions",
     "vlsi.archs.qwen2_5_vl", "vlsi.archs.qwen2_5_vl.spec", "vlsi.archs.qwen2_5_vl.vision",
     "vlsi.archs.llava_onevision", "vlsi.archs.llava_onevision.spec", "vlsi.archs.llava_onevision.image",
     "vlsi_runtimes", "vlsi_runtimes.base", "vlsi_runtimes.onnx_backend", "vlsi_runtimes.llama_backend",
+    "vlsi_runtimes.tensorrt_backend", "vlsi_runtimes.tensorrt_engine",
+    # what `vlsi build` runs on a Jetson: TensorRT, no torch
+    "vlsi_export.trt_presets", "vlsi_export.trt_check", "vlsi_export.trt_build",
     "vlsi_apps", "vlsi_apps.server",
 ]
 # the one lazy edge out of the torch-free set: the torch backend, loaded only when asked for

@@ -64,10 +64,16 @@ def tool_versions(packages) -> dict[str, str]:
     return out
 
 
+# built on the device after export (TensorRT engines, with their own build record): not part of
+# the exported payload either
+BUILT = "engines"
+
+
 def file_entries(folder: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and p.name not in REPORTS
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and p.name not in REPORTS and p.relative_to(folder).parts[0] != BUILT
     }
 
 
@@ -102,6 +108,9 @@ class Manifest:
     source: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
     parity: dict | None = None
+    device_parity: dict = field(default_factory=dict)
+    """Engine folder -> parity of the fixtures run through those engines on the device
+    (TensorRT; ``vlsi build`` writes it). ``parity`` is the export's, on the CPU."""
     files: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

@@ -235,7 +235,7 @@ def _export_options(f):
         if fld.type in ("bool", bool):
             f = click.option(f"{flag(key)}/--no-{flag(key)[2:]}", key, default=None, help=helptext)(f)
         else:
-            kind = int if fld.type in ("int", int) else str
+            kind = int if fld.type in ("int", int, "int | None") else str
             f = click.option(flag(key), key, type=kind, default=None, help=helptext)(f)
     return f
 

@@ -118,7 +118,7 @@ def get_target(name: str) -> Target:
 
 
 def _load():
-    from . import gguf_target, onnx_target  # noqa: F401  (registers)
+    from . import gguf_target, onnx_target, tensorrt_target  # noqa: F401  (registers)
 
 
 def export(model, out, target: str = "onnx", **options) -> Path:

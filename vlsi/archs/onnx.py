@@ -26,6 +26,15 @@ def rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+def allowed_keys(attention_mask, length: int):
+    """``(B, L, P+L)`` bool: which cached and new positions each of the ``length`` new queries
+    may attend to (causal, and not padding)."""
+    total = attention_mask.shape[1]
+    keys = torch.arange(total, device=attention_mask.device)
+    queries = torch.arange(length, device=attention_mask.device) + (total - length)
+    return (keys[None, :] <= queries[:, None])[None] & attention_mask.bool()[:, None, :]
+
+
 class TokenEmbedding(nn.Module):
     """``input_ids (B, L) -> inputs_embeds (B, L, D)``."""
 
@@ -87,10 +96,7 @@ class Decoder(nn.Module):
         pos = position_ids if self.position_axes == 3 else position_ids[0]
         cos, sin = self.lm.rotary_emb(inputs_embeds, pos)  # (B, L, hd)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        total = attention_mask.shape[1]
-        keys = torch.arange(total, device=inputs_embeds.device)
-        queries = torch.arange(length, device=inputs_embeds.device) + (total - length)
-        mask = (keys[None, :] <= queries[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+        mask = allowed_keys(attention_mask, length)[:, None]
         layers = self.verbalizers.target_layers if self.verbalizers is not None else ()
         hidden, presents = {}, []
         h = inputs_embeds
@@ -151,16 +157,28 @@ class OnnxGraphs:
         """Every vision input varies along its first axis (patches, tiles or tokens)."""
         return {n: {0: torch.export.Dim.DYNAMIC} for n in names}
 
-    def export_vision(self, module: nn.Module, example: dict, path: Path) -> list[str]:
+    def export_vision(self, module: nn.Module, example: dict, path: Path, opset: int = OPSET) -> list[str]:
         """Export the vision ``module`` traced with ``example`` (inputs by name, numpy or torch,
-        in argument order) to ``path``; returns the input names."""
+        in argument order) to ``path``; returns the input names. (The TensorRT target traces
+        the same module at a lower ``opset``.)"""
         names = list(example)
         args = tuple(torch.as_tensor(np.ascontiguousarray(v)) for v in example.values())
         with torch.no_grad():
             torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["image_embeds"],
-                              dynamic_shapes=self.vision_dynamic_shapes(names), dynamo=True, verbose=False,
-                              opset_version=OPSET)
+                              dynamic_shapes=self._positional(module, self.vision_dynamic_shapes(names), names),
+                              dynamo=True, verbose=False, opset_version=opset)
         return names
+
+    @staticmethod
+    def _positional(module, shapes: dict, names: list[str]):
+        """Dynamic shapes by input name, as torch.export wants them for ``module``: by name for a
+        forward with named arguments, as one tuple for a ``forward(*args)`` wrapper."""
+        import inspect
+
+        params = list(inspect.signature(module.forward).parameters.values())
+        if len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+            return (tuple(shapes[n] for n in names),)
+        return shapes
 
     def export(self, ck, verbalizers, folder: Path, model_block: dict) -> dict[str, dict]:
         """Write ``vision.onnx``, ``embed.onnx`` and ``decoder.onnx`` (fp32) into ``folder``;

@@ -69,6 +69,12 @@ class ArchSpec:
         ``model`` is the manifest's model block."""
         raise NotImplementedError
 
+    def vision_caps(self, max_image_tokens: int, image_spec, model: dict) -> dict[str, int]:
+        """The longest first axis each vision input takes when the images of one prompt add
+        up to ``max_image_tokens`` tokens (TensorRT's optimisation profiles are built on it);
+        key ``"*"`` stands for every input not named."""
+        raise NotImplementedError
+
     # --- positions -------------------------------------------------------------------
     def positions(self, input_ids, vision: VisionInputs | None, model: dict, attention_mask=None) -> np.ndarray:
         """``(position_axes, B, L)`` int64 position ids of a prompt batch; padding gets 0.

@@ -34,6 +34,15 @@ class LlavaOnevisionSpec(ArchSpec):
                                max_ratio=model["vision_aspect_ratio"])}
         return VisionInputs(feeds, self.image_tokens(sizes.tolist(), image_spec, model), {"image_sizes": sizes})
 
+    def vision_caps(self, max_image_tokens, image_spec, model):
+        # one base tile plus the largest anyres grid for a single image; one tile per image for
+        # several, each taking at least one tile's tokens
+        tile = image_spec.tile_size
+        grid = max((h // tile) * (w // tile) for h, w in image_spec.image_grid_pinpoints)
+        per_tile = model["patches_per_side"] ** 2
+        tiles = max(1 + grid, -(-max_image_tokens // per_tile))
+        return {"pixel_values": tiles, "gather_index": max_image_tokens, "gather_weight": max_image_tokens}
+
     def model_block(self, config, tokenizer) -> dict:
         vc = config.vision_config
         return {**super().model_block(config, tokenizer), "patches_per_side": int(vc.image_size // vc.patch_size),

@@ -33,6 +33,9 @@ class Qwen2VLSpec(ArchSpec):
         feeds = {"pixel_values": pixels, **self.vision_feeds(grids, model)}
         return VisionInputs(feeds, self.image_tokens(grids, model["spatial_merge_size"]), {"grid_thw": grids})
 
+    def vision_caps(self, max_image_tokens, image_spec, model):
+        return {"*": max_image_tokens * model["spatial_merge_size"] ** 2}  # every input is per patch
+
     def positions(self, input_ids, vision, model, attention_mask=None):
         grids = vision.meta["grid_thw"] if vision is not None else np.zeros((0, 3), np.int64)
         pos, _ = mrope_positions(np.asarray(input_ids), model["image_token_id"], grids,
