@@ -417,12 +417,13 @@ class _TooLarge(Exception):
 
 
 def serve(model, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, limits: Limits | None = None) -> None:
-    """Load ``model`` once and serve it until interrupted."""
+          name: str | None = None, limits: Limits | None = None, providers: str | None = None) -> None:
+    """Load ``model`` once and serve it until interrupted (``providers``: ONNX Runtime's execution
+    providers for an ONNX artifact, e.g. ``"tensorrt,cuda,cpu"``)."""
     import uvicorn
     from vlsi_runtimes import load
 
-    rt = load(model, backend=backend)
+    rt = load(model, backend=backend, **({"providers": providers} if providers else {}))
     app = create_app(rt, name or Path(model).resolve().name, api_key=api_key, limits=limits, backend=rt.name)
     print(f"vlsi serve: {Path(model)} on the {rt.name} backend at http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -88,22 +88,9 @@ def trained(arch, synth_data, tmp_path_factory):
     """A student of ``arch`` pretrained 40 steps, then verbalizers (1, 3, 5) trained 60 steps on
     the synthetic data: peaked next-token distributions, as a real model has, so that the
     parity gate measures quantisation error rather than ties between near-equal logits."""
-    from vlsi.config import load_config
-    from vlsi_train.config import TrainConfig
-    from vlsi_train.trainer import train
+    from .conftest import train_briefly
 
-    root = tmp_path_factory.mktemp(f"{arch}-trained")
-
-    def cfg(**kw):
-        base = dict(arch=arch, data=str(synth_data / "train.json"), batch_size=4, log_every=20, progress=False,
-                    **{"optim.lr": 3e-3}, **kw)
-        return load_config(TrainConfig, None, [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                                                for k, v in base.items()])
-
-    train(cfg(stage="pretrain", model="tiny:student", out=str(root / "s"), steps=40))
-    train(cfg(stage="verbalize", model=str(root / "s"), out=str(root / "sv"), steps=60,
-              **{"verbalizer.target_layers": "1::2"}))
-    return root / "sv"
+    return train_briefly(arch, synth_data, tmp_path_factory.mktemp(f"{arch}-trained"))
 
 
 @pytest.fixture(scope="module")

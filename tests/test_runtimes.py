@@ -102,19 +102,6 @@ def test_bad_images_are_rejected_before_onnx_runtime(pair):
         rt.generate([Image.new("RGB", (1, 500))], "x", max_new_tokens=2)
 
 
-def test_tensorrt_backend_needs_the_tensorrt_provider(onnx_artifact):
-    """`--backend tensorrt` runs an ONNX artifact on ONNX Runtime's TensorRT execution provider;
-    where this onnxruntime has none (this CPU machine), the error says what to install."""
-    import onnxruntime as ort
-
-    if "TensorrtExecutionProvider" in ort.get_available_providers():
-        rt = vlsi_runtimes.load(onnx_artifact, backend="tensorrt")
-        assert rt.providers[0] == "TensorrtExecutionProvider"
-        return
-    with pytest.raises(ConfigError, match="no TensorRT execution provider.*onnxruntime-gpu"):
-        vlsi_runtimes.load(onnx_artifact, backend="tensorrt")
-
-
 def test_unknown_backend_and_path(tmp_path):
     with pytest.raises(ConfigError, match="backend 'tflite'"):
         vlsi_runtimes.load(tmp_path, backend="tflite")

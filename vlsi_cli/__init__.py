@@ -22,6 +22,7 @@ COMMANDS = {
     "train bench": "vlsi_train.bench:bench",
     "export": "vlsi_export.base:export",
     "validate": "vlsi_export.parity:validate",
+    "build": "vlsi_export.trt_build:build",
     "bench": "vlsi_runtimes.bench:bench",
     "tiny": "vlsi.tiny:save_tiny",
     "eval": "vlsi.eval:evaluate",
@@ -270,6 +271,25 @@ def validate_cmd(artifact, reference, data, samples):
         sys.exit(1)
 
 
+@main.command("build")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--preset", default=None, help="Device preset whose caps and profiles to build (orin-nano, orin-agx, "
+                                             "desktop; default: the one the artifact was exported for).")
+@click.option("--max-context", type=int, default=None, help="Context length the engines take (default: the preset's).")
+@click.option("--max-image-tokens", type=int, default=None, help="Image tokens one prompt may take (default: the preset's).")
+@click.option("--opt-level", default=3, show_default=True, help="TensorRT's builder optimisation level, 0-5 (higher: "
+                                                                "slower builds, sometimes faster engines).")
+@click.option("--workspace-gib", type=float, default=None, help="TensorRT's workspace limit in GiB (default: TensorRT's own).")
+def build_cmd(artifact, preset, max_context, max_image_tokens, opt_level, workspace_gib):
+    """Build TensorRT engines for this GPU from a `--target tensorrt` artifact (on the device),
+    then run its fixtures through them and record the device parity."""
+    from vlsi_export.trt_build import build
+
+    path = build(artifact, preset=preset, max_context=max_context, max_image_tokens=max_image_tokens,
+                 opt_level=opt_level, workspace_gib=workspace_gib)
+    click.echo(f"wrote {path}")
+
+
 @main.command("bench")
 @click.argument("artifacts", nargs=-1, type=click.Path(exists=True, file_okay=False))
 @click.option("--reference", required=True, type=click.Path(exists=True, file_okay=False),
@@ -334,18 +354,21 @@ def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb):
 @main.command("serve")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx", "gguf", "tensorrt"]),
-              help="Runtime backend (auto: from the artifact's manifest, torch for a checkpoint; tensorrt: an ONNX "
-                   "artifact on ONNX Runtime's TensorRT execution provider).")
+              help="Runtime backend (auto: from the artifact's manifest, torch for a checkpoint; tensorrt: a TensorRT "
+                   "artifact's engines, built with `vlsi build`; onnx on a TensorRT artifact: its graphs on ONNX Runtime).")
+@click.option("--providers", default=None, help="onnx backend: ONNX Runtime execution providers in order, e.g. "
+                                                "tensorrt,cuda,cpu (default: the best this onnxruntime has).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 exposes it to the network.")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--api-key", default=None, envvar="VLSI_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (env VLSI_API_KEY).")
 @click.option("--name", default=None, help="Model id in the API (default: the folder name).")
 @_limits_options
-def serve_cmd(model, backend, host, port, api_key, name, **limits):
+def serve_cmd(model, backend, providers, host, port, api_key, name, **limits):
     """Serve an artifact or checkpoint: OpenAI-compatible /v1/chat/completions and the demo page at /."""
     from vlsi_apps.server import serve
 
-    serve(model, backend=backend, host=host, port=port, api_key=api_key, name=name, limits=_limits(**limits))
+    serve(model, backend=backend, host=host, port=port, api_key=api_key, name=name, limits=_limits(**limits),
+          providers=providers)
 
 
 @main.command("demo")

@@ -35,10 +35,10 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # JetPack 6 (TensorRT 10.3) on the 8 GB module; the OS and desktop take ~1.5 GB of it
-    "orin-nano": Preset("orin-nano", "Jetson Orin Nano 8GB (JetPack 6)", 8.0, True, (87,), ("10.3",),
+    # JetPack 6.1 and 6.2 (TensorRT 10.3) on the 8 GB module; the OS and desktop take ~1.5 GB of it
+    "orin-nano": Preset("orin-nano", "Jetson Orin Nano 8GB (JetPack 6.1+)", 8.0, True, (87,), ("10.3",),
                         max_context=1024, max_image_tokens=256, overhead_gib=2.0),
-    "orin-agx": Preset("orin-agx", "Jetson AGX Orin 32/64GB (JetPack 6)", 32.0, True, (87,), ("10.3",),
+    "orin-agx": Preset("orin-agx", "Jetson AGX Orin 32/64GB (JetPack 6.1+)", 32.0, True, (87,), ("10.3",),
                        max_context=4096, max_image_tokens=1024, overhead_gib=2.5),
     # an RTX 4090-class card with TensorRT 10.x or 11.x
     "desktop": Preset("desktop", "desktop GPU, 24 GB (Ada/Hopper/Blackwell)", 24.0, False, (89, 90, 100, 120),
