@@ -60,7 +60,18 @@ $(GGUF): $(BIN)/vlsi | sysdeps
 	$(BIN)/pip install -q -e ".[gguf]"
 	@touch $@
 
-test: sysdeps setup $(GGUF)
+# NVIDIA ModelOpt's ONNX quantiser (vlsi export --target tensorrt --quant int8/int4/fp8, calibrated
+# on the CPU), installed without its dependencies: its [onnx] extra pulls onnxruntime-gpu and cupy
+# and pins onnx. The few it needs on a CPU come with the tensorrt-export extra. Pinned, because
+# vlsi_export/trt_quant.py works around 0.47.0 internals (tests/test_trt_quant.py checks them).
+MODELOPT = $(VENV)/.modelopt-installed
+
+$(MODELOPT): $(BIN)/vlsi
+	$(BIN)/pip install -q -e ".[tensorrt-export]"
+	$(BIN)/pip install -q --no-deps "nvidia-modelopt==0.47.0"
+	@touch $@
+
+test: sysdeps setup $(GGUF) $(MODELOPT)
 	$(BIN)/python -m pytest -q
 
 clean:

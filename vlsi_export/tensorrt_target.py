@@ -30,7 +30,7 @@ from pathlib import Path
 from vlsi.errors import ConfigError
 
 from .base import CommonOptions, Target, Written, option, register_target
-from .trt_presets import DEFAULT_PRESET, PRESETS, budget, check_precision, get_preset, profiles
+from .trt_presets import DEFAULT_PRESET, PRESETS, budget, check_precision, get_preset, profiles, weight_bytes
 
 QUANTS = ("fp16", "int8", "int4", "fp8")
 FIXTURES = 4
@@ -224,18 +224,6 @@ def _vision_shape(config, model_block) -> dict:
             "width": int(getattr(vc, "embed_dim", None) or vc.hidden_size)}
 
 
-def weight_bytes(folder: Path, graphs: dict) -> int:
-    """Bytes of the engines' weights: the graph files (and their external data) as written."""
-    total = 0
-    for name in ("vision", "decoder"):
-        p = folder / graphs[name].file
-        total += p.stat().st_size
-        data = p.with_name(p.name + ".data")
-        if data.is_file():
-            total += data.stat().st_size
-    return total
-
-
 def preset_block(preset, model_block: dict, vision_signature: list, vision_caps, vision: dict, weights: int,
                  embed: int, max_context: int | None = None, max_image_tokens: int | None = None) -> dict:
     """One preset's entry of ``build.json``: caps, profiles and budget (``vision_caps`` is the
@@ -255,7 +243,7 @@ def _build_file(ck, tmp: Path, graphs: dict, model_block: dict, opts, op_check: 
     spec = get_spec(ck.adapter.name)
     image_spec = spec.image_spec(ck.path)
     vision = _vision_shape(ck.model.config, model_block)
-    weights = weight_bytes(tmp, graphs)
+    weights = weight_bytes(tmp, [graphs[n].file for n in ("vision", "decoder")])
     embed = (tmp / "embed.npy").stat().st_size
     sig = graphs["vision"].details["signature"]["inputs"]
     presets = {}

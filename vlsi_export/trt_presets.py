@@ -141,6 +141,21 @@ class Budget:
 GIB = float(1 << 30)
 
 
+def weight_bytes(folder, files) -> int:
+    """Bytes of the engines' weights: the graph ``files`` (relative to ``folder``) and their
+    external data, as written."""
+    from pathlib import Path
+
+    total = 0
+    for name in files:
+        p = Path(folder) / name
+        total += p.stat().st_size
+        data = p.with_name(p.name + ".data")
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
 def budget(preset: Preset, model: dict, weight_bytes: int, embed_bytes: int, vision: dict, kv_bytes: int = 2,
            max_context: int | None = None, max_image_tokens: int | None = None) -> Budget:
     """The memory ``preset``'s device needs for this model at its caps.
