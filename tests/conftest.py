@@ -58,7 +58,7 @@ def onnx_artifact(tiny_ckpt, tmp_path_factory):
     return get_target("onnx")(tiny_ckpt, tmp_path_factory.mktemp("onnx") / "fp32", verbalizers=True)
 
 
-def train_briefly(arch: str, synth_data, root):
+def train_briefly(arch: str, synth_data, root, size: str = "student"):
     """A student of ``arch`` pretrained 40 steps, then verbalizers (1, 3, 5) trained 60 steps on
     the synthetic data: peaked next-token distributions, as a real model has, so that parity
     gates measure quantisation error rather than ties between near-equal logits."""
@@ -74,7 +74,7 @@ def train_briefly(arch: str, synth_data, root):
         return load_config(TrainConfig, None, [f"{k}={v if isinstance(v, str) else json.dumps(v)}"
                                                 for k, v in base.items()])
 
-    train(cfg(stage="pretrain", model="tiny:student", out=str(root / "s"), steps=40))
+    train(cfg(stage="pretrain", model=f"tiny:{size}", out=str(root / "s"), steps=40))
     train(cfg(stage="verbalize", model=str(root / "s"), out=str(root / "sv"), steps=60,
               **{"verbalizer.target_layers": "1::2"}))
     return root / "sv"
