@@ -38,7 +38,7 @@ TORCH_FREE = [
     "vlsi_runtimes", "vlsi_runtimes.base", "vlsi_runtimes.onnx_backend", "vlsi_runtimes.llama_backend",
     "vlsi_runtimes.tensorrt_backend", "vlsi_runtimes.tensorrt_engine",
     # what `vlsi build` runs on a Jetson: TensorRT, no torch
-    "vlsi_export.trt_presets", "vlsi_export.trt_check", "vlsi_export.trt_build", "vlsi_export.parity",
+    "vlsi_export.trt_presets", "vlsi_export.trt_check", "vlsi_export.trt_build", "vlsi_export.tolerances",
     "vlsi_apps", "vlsi_apps.server",
 ]
 # the one lazy edge out of the torch-free set: the torch backend, loaded only when asked for

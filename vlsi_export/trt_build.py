@@ -313,7 +313,7 @@ def device_parity(folder, dirname: str) -> dict:
             rt.runner.close()
     manifest = load_manifest(folder)
     if entry.get("run"):  # the CPU gate's bounds on the same metrics, for the engines
-        from .parity import TOLERANCES, tolerance_key
+        from .tolerances import TOLERANCES, tolerance_key
 
         rows = TOLERANCES[tolerance_key(manifest)]
         m = entry["metrics"]

@@ -34,7 +34,7 @@ Rules, each named in its findings:
 
 Weights are not loaded: a path is read with ``load_external_data=False`` (initializer types and
 shapes are in the graph file); only the zero points, which are tiny, are read from external
-data when their values are needed. Imports onnx and numpy only.
+data when their values are needed. Torch-free: onnx, numpy and :mod:`vlsi.errors`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class TrtCheckError(VLsIError):
 @dataclass
 class Finding:
     version: str
-    """The TensorRT version (a key of the tables) the finding is for."""
+    """The TensorRT version the finding is for, as it was asked for (``"10.3"``, ``"10.7"``)."""
     rule: str
     """domain, op, opset, ir, policy, dq or fp32_matmul."""
     node: str | None
