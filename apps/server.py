@@ -43,6 +43,9 @@ class Limits:
     max_queue: int = 8
     """Requests that may wait while one runs; the next one gets 429."""
     max_prompt_chars: int = 16_000
+    """Characters of text across the whole conversation."""
+    max_prompt_tokens: int = 8192
+    """Tokens of the rendered conversation (images included)."""
     verbalize_tokens: int = 32
 
 
@@ -59,67 +62,66 @@ class ApiError(Exception):
 # --------------------------------------------------------------------------- request parsing
 
 
-def _image_from_url(url: str, limits: Limits, image_spec=None):
+def _image_from_url(url: str, limits: Limits, image_spec=None, param: str = "messages"):
     if not isinstance(url, str):
-        raise ApiError(400, "image_url.url must be a string", param="messages")
+        raise ApiError(400, "image_url.url must be a string", param=param)
     if not url.startswith("data:"):
         raise ApiError(400, "only base64 data URIs are accepted for images (data:image/png;base64,...); "
-                       "remote URLs are refused because this server may run offline", param="messages",
+                       "remote URLs are refused because this server may run offline", param=param,
                        code="unsupported_image_url")
     head, _, payload = url.partition(",")
     if ";base64" not in head:
-        raise ApiError(400, "the image data URI must be base64 encoded (data:image/...;base64,...)", param="messages")
+        raise ApiError(400, "the image data URI must be base64 encoded (data:image/...;base64,...)", param=param)
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "the image data URI is not valid base64", param="messages",
+        raise ApiError(400, "the image data URI is not valid base64", param=param,
                        code="invalid_base64") from None
     try:
         return validate_image(raw, image_spec, max_input_pixels=limits.max_image_pixels, source="image_url")
     except VLsIError as e:
-        raise ApiError(400, f"image rejected: {e}", param="messages", code="invalid_image") from None
+        raise ApiError(400, f"image rejected: {e}", param=param, code="invalid_image") from None
 
 
-def parse_messages(messages, limits: Limits, image_spec=None) -> tuple[list, str]:
-    """OpenAI chat messages -> (images, prompt). The last user message is the question; images
-    come from its ``image_url`` parts (earlier turns are not a conversation the demo keeps).
-    Images are checked against the served model's ``image_spec``."""
+def parse_messages(messages, limits: Limits, image_spec=None) -> list[dict]:
+    """OpenAI chat messages -> the same conversation for the runtime, every turn kept (system
+    prompts, assistant turns, images in any user turn), images decoded and checked against the
+    served model's ``image_spec``. The limits apply to the whole conversation: images across
+    turns, characters across turns. Errors name the field (``messages[1].content[0]``)."""
+    from vlsi.chat import MessageError, conversation
+
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
-    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    if not user:
-        raise ApiError(400, "`messages` needs at least one message with role 'user'", param="messages")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise ApiError(400, f"each message needs a role among system/user/assistant, got {m!r:.80}",
-                           param="messages")
-    content = user[-1].get("content")
-    images, texts = [], []
-    if isinstance(content, str):
-        texts.append(content)
-    elif isinstance(content, list):
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                texts.append(str(part.get("text", "")))
-            elif kind == "image_url":
-                iu = part.get("image_url")
-                url = iu.get("url") if isinstance(iu, dict) else iu
-                images.append(_image_from_url(url, limits, image_spec))
-            else:
-                raise ApiError(400, f"unsupported content part type {kind!r}; use 'text' or 'image_url'",
-                               param="messages")
-    else:
-        raise ApiError(400, "message content must be a string or a list of parts", param="messages")
-    prompt = "\n".join(t for t in texts if t)
-    if not prompt.strip():
-        raise ApiError(400, "the user message has no text question", param="messages")
-    if len(prompt) > limits.max_prompt_chars:
-        raise ApiError(400, f"the question has {len(prompt)} characters; the limit is {limits.max_prompt_chars}",
-                       param="messages")
-    if len(images) > limits.max_images:
-        raise ApiError(400, f"{len(images)} images; the limit is {limits.max_images}", param="messages")
-    return images, prompt
+    try:
+        turns, urls = conversation(messages)  # the structure, before any image is decoded
+    except MessageError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    chars = sum(len(t.text) for t in turns)
+    if chars > limits.max_prompt_chars:
+        raise ApiError(400, f"the conversation has {chars} characters; the limit is {limits.max_prompt_chars}",
+                       param="messages", code="conversation_too_long")
+    if len(urls) > limits.max_images:
+        raise ApiError(400, f"the conversation has {len(urls)} images; the limit is {limits.max_images}",
+                       param="messages", code="too_many_images")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and (part.get("type") == "image_url" or
+                                               (part.get("type") is None and "image_url" in part)):
+                    iu = part.get("image_url")
+                    url = iu.get("url") if isinstance(iu, dict) else iu
+                    part = {"type": "image",
+                            "image": _image_from_url(url, limits, image_spec, f"messages[{i}].content[{j}]")}
+                elif isinstance(part, dict) and part.get("type") == "image":
+                    raise ApiError(400, f"messages[{i}].content[{j}]: send images as image_url parts with a data URI",
+                                   param=f"messages[{i}].content[{j}].type")
+                parts.append(part)
+            content = parts
+        out.append({"role": m["role"], "content": content})
+    return out
 
 
 def parse_options(body: dict, limits: Limits) -> dict:
@@ -151,6 +153,17 @@ def parse_options(body: dict, limits: Limits) -> dict:
     if body.get("n", 1) != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     return opts
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, limits: Limits, context: int | None) -> None:
+    """The rendered conversation against the token limit and the model's context."""
+    if prompt_tokens > limits.max_prompt_tokens:
+        raise ApiError(400, f"the conversation is {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}",
+                       param="messages", code="context_length_exceeded")
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise ApiError(400, f"the conversation is {prompt_tokens} tokens and max_tokens asks for {max_new_tokens} "
+                       f"more; this model's context holds {context} (shorten the conversation or lower max_tokens)",
+                       param="messages", code="context_length_exceeded")
 
 
 # --------------------------------------------------------------------------- the server
@@ -278,12 +291,13 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
         except ApiError as e:
             return error(e)
         try:
-            images, prompt = await asyncio.to_thread(parse_messages, body["messages"], limits,
-                                                   getattr(runtime, "image_spec", None))
+            messages = await asyncio.to_thread(parse_messages, body["messages"], limits,
+                                               getattr(runtime, "image_spec", None))
             try:
-                encoded = await asyncio.to_thread(runtime.encode, images, prompt)
+                encoded = await asyncio.to_thread(runtime.encode, messages)
             except VLsIError as e:
-                raise ApiError(400, str(e), param="messages") from None
+                raise ApiError(400, str(e), param=getattr(e, "param", None) or "messages") from None
+            check_length(len(encoded.ids), opts["max_new_tokens"], limits, getattr(runtime, "context_length", None))
         except ApiError as e:
             engine.release(served=False)
             return error(e)
@@ -334,7 +348,8 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
 
         def usage(gen):
             return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                    "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+                    "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": gen.cached_tokens}}
 
         def extras(gen, timing, layers):
             decode_s = timing["seconds"] - (timing["ttft_s"] or 0.0)

@@ -1,20 +1,34 @@
 """The runtime interface every backend implements, and the decoding logic they share.
 
-A backend provides ``_encode(images, text) -> Prompt``, two operations on numpy arrays,
+Every method that takes a prompt takes either a list of chat messages (``rt.generate(messages)``:
+system, user and assistant turns, images in any user turn, rendered with the architecture's chat
+layout, see :func:`vlsi.chat.conversation`) or the one-turn shortcut ``(images, prompt)``.
+
+A backend provides ``_encode(turns, images) -> Prompt``, two operations on numpy arrays,
 ``_prefill(prompt) -> (state, logits)`` and ``_step(state, token) -> logits`` (``logits`` maps
 ``"final"``, the model's head, and each kept verbalizer layer to a ``(V,)`` array for the next
 token), and the public ``decode(ids)`` and ``image_embeds(images)``. Everything else —
-sampling, stop strings, streaming, per-layer verbalization — is written once here.
+sampling, stop strings, streaming, per-layer verbalization, prefix reuse — is written once here.
+
+**Prefix reuse.** A runtime keeps the KV cache of the sequence it last decoded (one entry: the
+prompt and the tokens fed after it). When the next prompt starts with the same tokens — the same
+images included, compared by content — only the rest is prefilled: a follow-up question about an
+image already seen costs its own tokens, not the image again. A backend opts in with
+``_resume(state, n, prompt) -> (state, logits)`` (keep the first ``n`` positions of ``state``,
+prefill the rest of ``prompt``); the entry is dropped on any mismatch or error, and
+``reuse=False`` (or ``rt.reuse = False``) turns it off.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from vlsi.data.records import IMAGE_PLACEHOLDER, Turn
+from vlsi.chat import conversation, is_messages, one_turn
+from vlsi.data.records import Turn
 from vlsi.errors import ConfigError
 
 FINAL = "final"
@@ -26,6 +40,61 @@ class Prompt:
 
     ids: list[int]
     images: object  # backend-specific (pixel arrays and grids)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    """``(first position, tokens)`` of each image in ``ids``, in order."""
+    digests: list[str] = field(default_factory=list)
+    """A content hash of each image (prefix reuse compares images by it)."""
+    sources: list = field(default_factory=list)
+    """The checked images themselves, for backends that encode only the images a reused prefix lacks."""
+
+    def keys(self) -> list:
+        """One comparable key per position: the token id, or ``(image digest, index)`` inside an image."""
+        keys: list = list(self.ids)
+        for (start, count), digest in zip(self.spans, self.digests):
+            keys[start:start + count] = [(digest, k) for k in range(count)]
+        return keys
+
+
+def image_digest(image) -> str:
+    """A hash of a decoded (PIL) image's pixels and size."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def image_spans(ids, image_token_id: int, counts: list[int]) -> list[tuple[int, int]]:
+    """``(start, tokens)`` of each image in expanded ``ids`` whose ``k``-th image takes ``counts[k]``
+    image tokens (adjacent images are told apart by their counts, not by runs)."""
+    where = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(where) != sum(counts):
+        raise ConfigError(f"{len(where)} image tokens in the prompt for {sum(counts)} image features")
+    spans, at = [], 0
+    for count in counts:
+        spans.append((where[at], count) if count else (where[at] if at < len(where) else len(ids), 0))
+        at += count
+    return spans
+
+
+def shared_prefix(cached: list, prompt: Prompt) -> int:
+    """How many leading positions of ``prompt`` the cached keys hold, never cutting an image
+    and always leaving at least one position to prefill (its logits start the answer)."""
+    keys = prompt.keys()
+    n, limit = 0, min(len(cached), len(keys) - 1)
+    while n < limit and cached[n] == keys[n]:
+        n += 1
+    for start, count in prompt.spans:
+        if start < n < start + count:
+            n = start
+    return max(n, 0)
+
+
+@dataclass
+class _Entry:
+    """The reusable KV state of the last decoded sequence and one key per position it holds."""
+
+    keys: list
+    state: object
 
 
 class Runtime:
@@ -34,9 +103,20 @@ class Runtime:
     name = "base"
     verbalizer_layers: tuple[int, ...] = ()
     max_new_tokens_cap = 4096
+    reuse = True
+    """Keep the last sequence's KV cache and prefill only what a new prompt adds to it."""
+    context_length: int | None = None
+    """Positions the model's cache holds in all (prompt and answer), when the backend is bounded."""
+    _entry: _Entry | None = None
 
     # backends implement these
-    def _encode(self, images: list, text: str) -> Prompt:
+    def _encode(self, turns: tuple[Turn, ...], images: list) -> Prompt:
+        """Render ``turns`` (``<image>`` placeholders, ``images`` in order) and preprocess the images."""
+        raise NotImplementedError
+
+    def _resume(self, state, n: int, prompt: Prompt):
+        """Keep the first ``n`` positions of ``state`` and prefill ``prompt.ids[n:]``; -> ``(state, logits)``.
+        Backends without it raise NotImplementedError (and always prefill everything)."""
         raise NotImplementedError
 
     def _prefill(self, prompt: Prompt):
@@ -60,12 +140,7 @@ class Runtime:
     @staticmethod
     def user_turns(images: list, prompt: str) -> tuple[Turn, ...]:
         """One user turn: images first (unless the prompt places ``<image>`` itself), then text."""
-        n = prompt.count(IMAGE_PLACEHOLDER)
-        if n == 0:
-            prompt = f"{IMAGE_PLACEHOLDER}\n" * len(images) + prompt
-        elif n != len(images):
-            raise ConfigError(f"the prompt has {n} <image> placeholders for {len(images)} images")
-        return (Turn("user", prompt),)
+        return one_turn(images, prompt)
 
     def _pick(self, logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
         if temperature <= 0:
@@ -88,53 +163,110 @@ class Runtime:
         if temperature < 0 or not 0 < top_p <= 1:
             raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
 
-    def encode(self, images, prompt: str) -> Prompt:
-        """Tokenise ``prompt`` with its images (checked and preprocessed by this backend)."""
-        return self._encode(list(images), prompt)
+    def encode(self, images, prompt=None) -> Prompt:
+        """A prompt as this backend's :class:`Prompt` (images checked and preprocessed here):
+        ``encode(messages)`` for a list of chat messages, ``encode(images, text)`` for one user
+        turn, or a :class:`Prompt` back unchanged."""
+        if isinstance(prompt, Prompt):
+            return prompt
+        if isinstance(images, Prompt) and prompt is None:
+            return images
+        if is_messages(images) or is_messages(prompt):
+            if is_messages(images) and prompt is not None:
+                raise ConfigError("pass either a list of messages or (images, prompt), not both")
+            if is_messages(prompt) and images:
+                raise ConfigError("with a list of messages, images go inside the user messages")
+            turns, refs = conversation(images if prompt is None else prompt)
+            return self._encode(turns, refs)
+        if not isinstance(prompt, str):
+            raise ConfigError(f"the prompt must be text, a list of chat messages or a Prompt, not {type(prompt).__name__}")
+        images = list(images or [])
+        return self._encode(one_turn(images, prompt), images)
 
-    def stream_tokens(self, images, prompt: str | Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+    # ------------------------------------------------------------------ prefill with reuse
+    def _start(self, prompt: Prompt, reuse: bool | None = None):
+        """Prefill ``prompt``, reusing the cached sequence's shared prefix when there is one;
+        -> ``(state, logits, reused positions)``. The cache entry is taken (one sequence owns it)."""
+        entry, self._entry = self._entry, None
+        if entry is not None and (self.reuse if reuse is None else reuse):
+            n = shared_prefix(entry.keys, prompt)
+            if n > 0:
+                try:
+                    state, logits = self._resume(entry.state, n, prompt)
+                    return state, logits, n
+                except NotImplementedError:
+                    pass
+        del entry  # its memory goes before the new prefill allocates
+        state, logits = self._prefill(prompt)
+        return state, logits, 0
+
+    def _keep(self, state, keys: list) -> None:
+        """Offer ``state`` (holding one position per key) for the next prompt to reuse."""
+        self._entry = _Entry(keys, state) if self.reuse else None
+
+    def forget(self) -> None:
+        """Drop the cached sequence (its KV cache memory is freed)."""
+        self._entry = None
+
+    def stream_tokens(self, images, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_p: float = 1.0, source: str | int = FINAL, seed: int = 0,
-                      ignore_eos: bool = False) -> Iterator[int]:
+                      ignore_eos: bool = False, reuse: bool | None = None, stats: dict | None = None) -> Iterator[int]:
         """Yield new token ids, read from the model's head or a verbalizer layer's
-        (``ignore_eos`` decodes exactly ``max_new_tokens``, for benchmarks). ``prompt`` may be
-        text (encoded with ``images``) or a :class:`Prompt` from :meth:`encode`."""
+        (``ignore_eos`` decodes exactly ``max_new_tokens``, for benchmarks). The prompt is a
+        list of messages, ``(images, text)`` or a :class:`Prompt` from :meth:`encode`.
+        ``stats``, when given, receives ``prompt_tokens`` and ``cached_tokens`` (the prompt
+        positions reused from the last sequence)."""
         self._check(max_new_tokens, temperature, top_p)
         if source != FINAL and source not in self.verbalizer_layers:
             raise ConfigError(f"layer {source} has no verbalizer here; kept: {list(self.verbalizer_layers)}")
         rng = np.random.default_rng(seed)
-        encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
-        state, logits = self._prefill(encoded)
-        for i in range(max_new_tokens):
-            tok = self._pick(logits[source], temperature, top_p, rng)
-            if tok in self.eos_ids and not ignore_eos:
-                return
-            yield tok
-            if i + 1 < max_new_tokens:  # the last token needs no forward pass after it
-                logits = self._step(state, tok)
+        encoded = self.encode(images, prompt)
+        state, logits, cached = self._start(encoded, reuse)
+        if stats is not None:
+            stats.update(prompt_tokens=len(encoded.ids), cached_tokens=cached)
+        keys = encoded.keys()
+        try:
+            for i in range(max_new_tokens):
+                tok = self._pick(logits[source], temperature, top_p, rng)
+                if tok in self.eos_ids and not ignore_eos:
+                    break
+                yield tok
+                if i + 1 < max_new_tokens:  # the last token needs no forward pass after it
+                    logits = self._step(state, tok)
+                    keys.append(tok)
+        except BaseException:
+            state = None  # a step that failed half-way leaves the state unknown
+            raise
+        finally:
+            if state is not None:  # also when the consumer stops early: every fed token is in the state
+                self._keep(state, keys)
 
-    def generate(self, images, prompt: str | Prompt, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False, seed: int = 0):
+    def generate(self, images, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False, seed: int = 0,
+                 reuse: bool | None = None):
         """The answer as text, or with ``stream=True`` a :class:`Generation`: an iterator of
-        text pieces that also counts tokens and says why it finished. ``prompt`` may be text
-        (encoded with ``images``) or a :class:`Prompt` from :meth:`encode`.
+        text pieces that also counts tokens (``prompt_tokens``, ``cached_tokens``,
+        ``completion_tokens``) and says why it finished. The prompt is a list of chat messages
+        (``generate(messages)``), ``(images, text)`` or a :class:`Prompt` from :meth:`encode`.
 
         Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string."""
         self._check(max_new_tokens, temperature, top_p)  # now, not at the first piece of a stream
-        encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
-        gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed)
+        encoded = self.encode(images, prompt)
+        gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed, reuse)
         return gen if stream else "".join(gen)
 
-    def verbalize(self, images, prompt: str | Prompt, max_new_tokens: int = 32, final: bool = True) -> dict:
+    def verbalize(self, images, prompt=None, max_new_tokens: int = 32, final: bool = True) -> dict:
         """What each layer would answer: greedy decoding from every kept verbalizer, shallow to
         deep, then (with ``final``) the model's own head (the paper's Figure 3)."""
-        encoded = prompt if isinstance(prompt, Prompt) else self.encode(images, prompt)
+        encoded = self.encode(images, prompt)
         layers = (*self.verbalizer_layers, FINAL) if final else self.verbalizer_layers
-        return {layer: self.decode(list(self.stream_tokens(None, encoded, max_new_tokens, source=layer)))
+        return {layer: self.decode(list(self.stream_tokens(encoded, None, max_new_tokens, source=layer)))
                 for layer in layers}
 
-    def logits(self, images, prompt: str, continuation: list[int] | None = None) -> list[dict]:
+    def logits(self, images, prompt=None, continuation: list[int] | None = None) -> list[dict]:
         """Next-token logits after the prompt and after each token of ``continuation``:
-        a list of ``{"final": (V,), layer: (V,), ...}`` (used for parity checks)."""
+        a list of ``{"final": (V,), layer: (V,), ...}`` (used for parity checks; no reuse)."""
+        self.forget()
         state, lg = self._prefill(self.encode(images, prompt))
         out = [lg]
         for tok in continuation or []:
@@ -144,25 +276,76 @@ class Runtime:
 
 class SpecRuntime(Runtime):
     """A backend whose prompts and images are prepared on the host by the architecture's
-    torch-free spec (ONNX Runtime, TensorRT): the chat layout, image checks, preprocessing and
-    image-token expansion are written once here. Subclasses set ``tok``, ``spec``,
-    ``image_spec``, ``model`` (the manifest's model block) and ``image_token_id``, and run the
-    vision graph in :meth:`_vision`."""
+    torch-free spec (ONNX Runtime, TensorRT): the chat layout, image checks, preprocessing,
+    image-token expansion and prefill (with prefix reuse) are written once here. Subclasses set
+    ``tok``, ``spec``, ``image_spec``, ``model`` (the manifest's model block) and
+    ``image_token_id``, and provide the graph calls: :meth:`_vision`, :meth:`_embed_tokens`,
+    :meth:`_new_state`, :meth:`_forward` and, for reuse, :meth:`_truncate`."""
 
     def _vision(self, vision) -> np.ndarray:
         raise NotImplementedError
 
-    def _encode(self, images, text):
+    def _embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """``(1, L)`` token ids -> ``(1, L, hidden)`` embeddings (a writable array)."""
+        raise NotImplementedError
+
+    def _new_state(self) -> dict:
+        """An empty sequence: ``{"length": 0, ...}`` with the backend's KV cache."""
+        raise NotImplementedError
+
+    def _forward(self, state: dict, embeds: np.ndarray, positions: np.ndarray) -> dict:
+        """Run the decoder on new positions, advancing ``state``; -> the last position's logits."""
+        raise NotImplementedError
+
+    def _truncate(self, state: dict, n: int) -> None:
+        """Keep the first ``n`` positions of ``state``'s KV cache (NotImplementedError: no reuse)."""
+        raise NotImplementedError
+
+    def _encode(self, turns, images):
         from vlsi.chat import chat_ids, expand_images
         from vlsi.images import load_image
 
         pil = [load_image(im, self.image_spec) for im in images]
-        ids, _ = chat_ids(self.tok, self.user_turns(pil, text), self.spec.image_marker, for_generation=True)
-        vision = None
+        ids, _ = chat_ids(self.tok, turns, self.spec.image_marker, for_generation=True)
+        vision, spans = None, []
         if pil:
             vision = self.spec.prepare_images(pil, self.image_spec, self.model)
-            ids, _ = expand_images(ids, [0] * len(ids), self.image_token_id, vision.tokens)
-        return Prompt(ids, vision)
+            try:
+                ids, _ = expand_images(ids, [0] * len(ids), self.image_token_id, vision.tokens)
+            except ValueError as e:  # image marker tokens typed into the text
+                raise ConfigError(f"{e}: the text itself holds the image marker; send images as image parts") from None
+            spans = image_spans(ids, self.image_token_id, vision.tokens)
+        elif self.image_token_id in ids:
+            raise ConfigError("the text holds image tokens but no image was given")
+        return Prompt(ids, vision, spans, [image_digest(im) for im in pil], pil)
+
+    def _prefill(self, prompt: Prompt):
+        return self._fill(prompt, self._new_state(), 0)
+
+    def _resume(self, state, n, prompt):
+        self._truncate(state, n)
+        state["length"] = n
+        return self._fill(prompt, state, n)
+
+    def _fill(self, prompt: Prompt, state: dict, start: int):
+        """Prefill ``prompt.ids[start:]`` after the ``start`` positions ``state`` holds; only the
+        images that lie there are encoded."""
+        ids = np.asarray([prompt.ids], dtype=np.int64)
+        pos = self.spec.positions(ids, prompt.images, self.model)  # the whole prompt's, then the new part
+        embeds = self._embed_tokens(ids[:, start:])
+        new = [k for k, (first, _) in enumerate(prompt.spans) if first >= start]
+        if new:
+            vision = prompt.images if len(new) == len(prompt.spans) else \
+                self.spec.prepare_images([prompt.sources[k] for k in new], self.image_spec, self.model)
+            embeds[0, ids[0, start:] == self.image_token_id] = self._vision(vision)
+        state["next_pos"] = int(pos.max()) + 1
+        return state, self._forward(state, embeds, pos[..., start:])
+
+    def _step(self, state, token):
+        emb = self._embed_tokens(np.array([[token]], np.int64))
+        pos = np.full((self.spec.position_axes, 1, 1), state["next_pos"], np.int64)
+        state["next_pos"] += 1
+        return self._forward(state, emb, pos)
 
     def image_embeds(self, images) -> np.ndarray:
         from vlsi.images import load_image
@@ -180,12 +363,16 @@ class Generation:
     ``"length"``: ``max_new_tokens`` reached, ``"cancelled"``: :meth:`cancel` was called).
     ``cancel()`` may be called from another thread; decoding stops before the next token."""
 
-    def __init__(self, runtime: Runtime, prompt: Prompt, max_new_tokens, temperature, top_p, stop, seed):
+    def __init__(self, runtime: Runtime, prompt: Prompt, max_new_tokens, temperature, top_p, stop, seed,
+                 reuse: bool | None = None):
         self.prompt_tokens = len(prompt.ids)
+        self.cached_tokens = 0
+        """Prompt positions reused from the runtime's last sequence (known once decoding started)."""
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.text = ""
         self._cancelled = False
+        self._reuse = reuse
         self._pieces = self._run(runtime, prompt, max_new_tokens, temperature, top_p, stop, seed)
 
     def cancel(self) -> None:
@@ -201,24 +388,32 @@ class Generation:
         ids: list[int] = []
         hold = max((len(s) - 1 for s in stop), default=0)
         self.finish_reason = "stop"
-        for tok in rt.stream_tokens(None, prompt, max_new_tokens, temperature, top_p, FINAL, seed):
-            if self._cancelled:
-                self.finish_reason = "cancelled"
-                return
-            ids.append(tok)
-            self.completion_tokens = len(ids)
-            text = rt.decode(ids)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
-                continue
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                if cut > len(self.text):
-                    yield self._emit(text[:cut])
-                return
-            # hold back a tail that could still become a stop string
-            ready = text[: max(len(self.text), len(text) - hold)]
-            if len(ready) > len(self.text):
-                yield self._emit(ready)
+        stats: dict = {}
+        tokens = rt.stream_tokens(prompt, None, max_new_tokens, temperature, top_p, FINAL, seed,
+                                  reuse=self._reuse, stats=stats)
+        try:
+            for tok in tokens:
+                self.cached_tokens = stats.get("cached_tokens", 0)
+                if self._cancelled:
+                    self.finish_reason = "cancelled"
+                    return
+                ids.append(tok)
+                self.completion_tokens = len(ids)
+                text = rt.decode(ids)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next byte
+                    continue
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    if cut > len(self.text):
+                        yield self._emit(text[:cut])
+                    return
+                # hold back a tail that could still become a stop string
+                ready = text[: max(len(self.text), len(text) - hold)]
+                if len(ready) > len(self.text):
+                    yield self._emit(ready)
+        finally:
+            tokens.close()  # now, not when collected: the runtime keeps what it fed for the next prompt
+            self.cached_tokens = stats.get("cached_tokens", 0)
         if len(ids) >= max_new_tokens:
             self.finish_reason = "length"
         text = rt.decode(ids)

@@ -24,14 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from vlsi.archs import get_spec
-from vlsi.chat import DEFAULT_SYSTEM
-from vlsi.data.records import IMAGE_PLACEHOLDER
+from vlsi.chat import chat_text
 from vlsi.images import load_image
 from vlsi.manifest import ArtifactError, load_manifest
 
 from vlsi.llama_cpp import quiet_logs
 
-from .base import FINAL, Prompt, Runtime
+from .base import FINAL, Prompt, Runtime, image_digest
 
 def _ggml():
     """The few ggml functions the eval callback needs, typed."""
@@ -109,6 +108,8 @@ class _Chunks:
 
     def __init__(self, mtmd, chunks, bitmaps):
         self.mtmd, self.chunks, self.bitmaps = mtmd, chunks, bitmaps
+        self.starts: list[int] = []  # the first token of each chunk
+        self.positions: list[int] = []  # llama.cpp's position of each token (an image's: its first)
 
     def __del__(self):
         try:
@@ -184,7 +185,7 @@ class LlamaCppRuntime(Runtime):
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise ArtifactError(f"llama.cpp could not create a context for {text} (n_ctx={n_ctx})")
-        self.n_ctx = n_ctx
+        self.n_ctx = self.context_length = n_ctx
         self.n_batch = cp.n_batch
 
         mcp = mtmd_cpp.mtmd_context_params_default()
@@ -207,6 +208,7 @@ class LlamaCppRuntime(Runtime):
             raise ArtifactError(f"{mmproj} has no vision encoder")
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self._batch = llama_cpp.llama_batch_init(1, 0, 1)
+        self._text_batch = None  # n_batch tokens, made when a reused prefix ends inside text
         self._output = None
 
     def close(self):
@@ -214,9 +216,11 @@ class LlamaCppRuntime(Runtime):
         if getattr(self, "mctx", None):
             mt.mtmd_free(self.mctx)
             self.mctx = None
-        if getattr(self, "_batch", None) is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
+        self._entry = None  # the cached sequence lives in this context
+        for name in ("_batch", "_text_batch"):
+            if getattr(self, name, None) is not None:
+                ll.llama_batch_free(getattr(self, name))
+                setattr(self, name, None)
         if getattr(self, "ctx", None):
             ll.llama_free(self.ctx)
             self.ctx = None
@@ -256,12 +260,12 @@ class LlamaCppRuntime(Runtime):
         return self._output
 
     # ------------------------------------------------------------------ pieces
-    def chat_text(self, n_images: int, text: str, system: str = DEFAULT_SYSTEM) -> str:
-        """The ChatML prompt with one media marker per image (the layout of :func:`vlsi.chat.chat_ids`)."""
-        (turn,) = self.user_turns([None] * n_images, text)
-        body = turn.text.replace(IMAGE_PLACEHOLDER, self.marker)
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{body}<|im_end|>\n"
-                "<|im_start|>assistant\n")
+    def chat_text(self, turns, images: int | None = None) -> str:
+        """The prompt as text with one media marker per image (the layout of :func:`vlsi.chat.chat_text`);
+        ``chat_text(n_images, question)`` for one user turn."""
+        if isinstance(turns, int):
+            turns = self.user_turns([None] * turns, images or "")
+        return chat_text(turns, self.marker, for_generation=True)[0]
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         """llama.cpp's own tokenisation of ``text`` (special tokens parsed when ``special``)."""
@@ -274,15 +278,16 @@ class LlamaCppRuntime(Runtime):
             k = self._ll.llama_tokenize(self.vocab, raw, len(raw), out, -k, False, special)
         return list(out[:k])
 
-    def _encode(self, images, text):
+    def _encode(self, turns, images):
         mt = self._mtmd
-        pil = [self.image_spec.resize(load_image(im, self.image_spec)) for im in images]
+        checked = [load_image(im, self.image_spec) for im in images]
+        pil = [self.image_spec.resize(im) for im in checked]
         bitmaps = []
         for im in pil:
             rgb = np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
             data = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
             bitmaps.append(mt.mtmd_bitmap_init(im.width, im.height, data))
-        raw = self.chat_text(len(pil), text).encode()
+        raw = self.chat_text(turns).encode()
         txt = mt.mtmd_input_text(text=raw, text_len=len(raw), add_special=False, parse_special=True)
         chunks = mt.mtmd_input_chunks_init()
         held = _Chunks(mt, chunks, bitmaps)
@@ -291,18 +296,26 @@ class LlamaCppRuntime(Runtime):
         if rc != 0:
             raise ArtifactError(f"llama.cpp could not tokenise the prompt with {len(bitmaps)} images (mtmd_tokenize "
                                 f"returned {rc}: 1 = marker/image count mismatch, 2 = image preprocessing failed)")
-        ids = []
+        ids, spans, pos, n_pos = [], [], [], 0
         for i in range(mt.mtmd_input_chunks_size(chunks)):
             c = mt.mtmd_input_chunks_get(chunks, i)
+            held.starts.append(len(ids))
             if mt.mtmd_input_chunk_get_type(c) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
                 n = ctypes.c_size_t()
                 toks = mt.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
                 ids += [int(toks[j]) for j in range(n.value)]
+                pos += range(n_pos, n_pos + n.value)
+                n_pos += n.value
             else:
-                ids += [self.image_token_id] * int(mt.mtmd_input_chunk_get_n_tokens(c))
+                k = int(mt.mtmd_input_chunk_get_n_tokens(c))
+                spans.append((len(ids), k))
+                ids += [self.image_token_id] * k
+                pos += [n_pos] * k  # the KV cells of an image sit at its first position (M-RoPE)
+                n_pos += int(mt.mtmd_input_chunk_get_n_pos(c))
+        held.positions = pos
         if len(ids) + 1 >= self.n_ctx:
             raise ArtifactError(f"the prompt is {len(ids)} tokens; this context holds {self.n_ctx}")
-        return Prompt(ids, held)
+        return Prompt(ids, held, spans, [image_digest(im) for im in checked], checked)
 
     def image_embeds(self, images) -> np.ndarray:
         """llama.cpp encodes one image at a time, through its own preprocessing."""
@@ -311,7 +324,7 @@ class LlamaCppRuntime(Runtime):
     def image_embeds_for(self, image) -> np.ndarray:
         """The projector's output for one image, ``(n_tokens, hidden)``."""
         mt = self._mtmd
-        p = self._encode([image], "")
+        p = self._encode(self.user_turns([image], ""), [image])
         chunks = p.images.chunks
         for i in range(mt.mtmd_input_chunks_size(chunks)):
             c = mt.mtmd_input_chunks_get(chunks, i)
@@ -329,20 +342,63 @@ class LlamaCppRuntime(Runtime):
         return _Logits(final, dict(self._hidden), getattr(self, "_verb", None))
 
     def _prefill(self, prompt: Prompt):
-        ll, mt = self._ll, self._mtmd
+        ll = self._ll
         ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        state = {"n_past": 0, "prompt": prompt}
+        return state, self._eval_from(state, prompt, 0)
+
+    def _resume(self, state, n, prompt):
+        """Drop the cached positions from token ``n`` on (``llama_memory_seq_rm``) and evaluate the rest."""
+        ll = self._ll
+        at = prompt.images.positions[n]
+        if not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, at, -1):
+            raise NotImplementedError  # this memory cannot cut a sequence: prefill whole
+        state = {"n_past": at, "prompt": prompt}
+        return state, self._eval_from(state, prompt, n)
+
+    def _eval_from(self, state, prompt: Prompt, start: int) -> _Logits:
+        """Evaluate ``prompt`` from token ``start`` (a chunk boundary or inside a text chunk)."""
+        ll, mt = self._ll, self._mtmd
         self._hidden.clear()
-        chunks = prompt.images.chunks
-        n_past = 0
+        held = prompt.images
+        chunks = held.chunks
         count = mt.mtmd_input_chunks_size(chunks)
         for i in range(count):
-            new = ll.llama_pos(n_past)  # in/out: the helper adds the positions it used
-            rc = mt.mtmd_helper_eval_chunk_single(self.mctx, self.ctx, mt.mtmd_input_chunks_get(chunks, i), n_past, 0,
-                                                  self.n_batch, i == count - 1, ctypes.byref(new))
+            first = held.starts[i]
+            end = held.starts[i + 1] if i + 1 < count else len(prompt.ids)
+            if end <= start:
+                continue
+            last = i == count - 1
+            if first < start:  # the reused prefix ends inside this text chunk: feed its rest
+                self._decode_tokens(prompt.ids[start:end], state["n_past"], last)
+                state["n_past"] += end - start
+                continue
+            new = ll.llama_pos(state["n_past"])  # in/out: the helper adds the positions it used
+            rc = mt.mtmd_helper_eval_chunk_single(self.mctx, self.ctx, mt.mtmd_input_chunks_get(chunks, i),
+                                                  state["n_past"], 0, self.n_batch, last, ctypes.byref(new))
             if rc != 0:
                 raise ArtifactError(f"llama.cpp failed to evaluate prompt chunk {i} (code {rc})")
-            n_past = new.value
-        return {"n_past": n_past, "prompt": prompt}, self._logits()
+            state["n_past"] = new.value
+        return self._logits()
+
+    def _decode_tokens(self, tokens: list[int], pos: int, logits_last: bool) -> None:
+        """Text tokens at positions ``pos, pos + 1, ...`` in batches of ``n_batch``."""
+        ll = self._ll
+        if self._text_batch is None:
+            self._text_batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        b = self._text_batch
+        for lo in range(0, len(tokens), self.n_batch):
+            part = tokens[lo:lo + self.n_batch]
+            b.n_tokens = len(part)
+            for j, tok in enumerate(part):
+                b.token[j] = tok
+                b.pos[j] = pos + lo + j
+                b.n_seq_id[j] = 1
+                b.seq_id[j][0] = 0
+                b.logits[j] = logits_last and lo + j == len(tokens) - 1
+            rc = ll.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise ArtifactError(f"llama_decode failed (code {rc})")
 
     def _step(self, state, token):
         if state["n_past"] + 1 >= self.n_ctx:

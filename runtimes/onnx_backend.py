@@ -15,7 +15,7 @@ import numpy as np
 from vlsi.archs import get_spec
 from vlsi.manifest import ArtifactError, load_manifest
 
-from .base import FINAL, Prompt, SpecRuntime
+from .base import FINAL, SpecRuntime
 
 
 def default_providers() -> list[str]:
@@ -43,6 +43,7 @@ class OnnxRuntime(SpecRuntime):
         self.image_spec = self.spec.image_spec(self.folder)
         self.n_layers, self.kv_heads, self.head_dim = m.model["num_layers"], m.model["num_kv_heads"], m.model["head_dim"]
         self.image_token_id = m.model["image_token_id"]
+        self.context_length = m.model.get("max_position_embeddings")  # None in artifacts from before it was recorded
         self.verbalizer_layers = tuple(m.verbalizers)
         self.eos_ids = tuple(m.eos_token_ids)
         self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
@@ -72,8 +73,9 @@ class OnnxRuntime(SpecRuntime):
     def _vision(self, vision) -> np.ndarray:
         return self._run_graph("vision", vision.feeds)["image_embeds"]
 
-    def _run(self, state, embeds, positions):
-        feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, state["length"] + embeds.shape[1]), np.int64),
+    def _forward(self, state, embeds, positions):
+        feed = {"inputs_embeds": embeds.astype(np.float32, copy=False),
+                "attention_mask": np.ones((1, state["length"] + embeds.shape[1]), np.int64),
                 "position_ids": positions}
         for i in range(self.n_layers):
             feed[f"past_key_{i}"], feed[f"past_value_{i}"] = state["past"][i]
@@ -85,21 +87,12 @@ class OnnxRuntime(SpecRuntime):
             res[layer] = outs[f"verbalizer_logits_{layer}"][0]
         return res
 
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        return self._run_graph("embed", {"input_ids": ids})["inputs_embeds"]
+    def _embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return np.array(self._run_graph("embed", {"input_ids": ids})["inputs_embeds"], np.float32)
 
-    def _prefill(self, prompt: Prompt):
-        ids = np.asarray([prompt.ids], dtype=np.int64)
-        embeds = self._embed(ids)
-        if prompt.images is not None:
-            embeds[0, ids[0] == self.image_token_id] = self._vision(prompt.images)
-        pos = self.spec.positions(ids, prompt.images, self.model)
+    def _new_state(self):
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        state = {"past": [(empty, empty)] * self.n_layers, "length": 0, "next_pos": int(pos.max()) + 1}
-        return state, self._run(state, embeds.astype(np.float32), pos)
+        return {"past": [(empty, empty)] * self.n_layers, "length": 0}
 
-    def _step(self, state, token):
-        emb = self._embed(np.array([[token]], np.int64))
-        pos = np.full((self.spec.position_axes, 1, 1), state["next_pos"], np.int64)
-        state["next_pos"] += 1
-        return self._run(state, emb, pos)
+    def _truncate(self, state, n):
+        state["past"] = [(k[:, :, :n], v[:, :, :n]) for k, v in state["past"]]

@@ -27,7 +27,7 @@ from vlsi.archs.rope import rope_tables
 from vlsi.errors import ConfigError
 from vlsi.manifest import ArtifactError, load_manifest
 
-from .base import FINAL, Prompt, SpecRuntime
+from .base import FINAL, SpecRuntime
 
 
 class GraphRunner:
@@ -50,6 +50,11 @@ class GraphRunner:
     def decoder(self, cache, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One decoder call on ``inputs_embeds``, ``attention_mask``, ``rope_cos``, ``rope_sin``
         (the past comes from ``cache``, which is advanced); the logit outputs by name."""
+        raise NotImplementedError
+
+    def truncate(self, cache, n: int) -> None:
+        """Keep the first ``n`` positions of ``cache`` (prefix reuse). Runners without it raise
+        NotImplementedError and every prompt is prefilled whole."""
         raise NotImplementedError
 
 
@@ -81,6 +86,9 @@ class OrtRunner(GraphRunner):
     def new_cache(self):
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         return {"past": [(empty, empty)] * self.n_layers}
+
+    def truncate(self, cache, n):
+        cache["past"] = [(k[:, :, :n], v[:, :, :n]) for k, v in cache["past"]]
 
     def decoder(self, cache, feeds):
         feed = dict(feeds)
@@ -136,6 +144,7 @@ class TensorRTRuntime(SpecRuntime):
         else:
             raise ConfigError(f"engine {engine!r} is not one of tensorrt, onnxruntime")
         self.graph_dtype = np.float16
+        self.context_length = self.runner.max_context
 
     def _vision(self, vision) -> np.ndarray:
         tokens = sum(vision.tokens)
@@ -161,17 +170,14 @@ class TensorRTRuntime(SpecRuntime):
             res[layer] = np.asarray(outs[f"verbalizer_logits_{layer}"][0], np.float32)
         return res
 
-    def _prefill(self, prompt: Prompt):
-        ids = np.asarray([prompt.ids], dtype=np.int64)
-        embeds = np.array(self.table[ids[0]])[None]  # (1, L, D): only these rows are read from disk
-        if prompt.images is not None:
-            embeds[0, ids[0] == self.image_token_id] = self._vision(prompt.images)
-        pos = self.spec.positions(ids, prompt.images, self.model)
-        state = {"cache": self.runner.new_cache(), "length": 0, "next_pos": int(pos.max()) + 1}
-        return state, self._decode(state, embeds, pos)
+    def _forward(self, state, embeds, positions):
+        return self._decode(state, embeds, positions)
 
-    def _step(self, state, token):
-        emb = np.array(self.table[[token]])[None]
-        pos = np.full((self.spec.position_axes, 1, 1), state["next_pos"], np.int64)
-        state["next_pos"] += 1
-        return self._decode(state, emb, pos)
+    def _embed_tokens(self, ids):
+        return np.array(self.table[ids[0]])[None]  # (1, L, D): only these rows are read from disk
+
+    def _new_state(self):
+        return {"cache": self.runner.new_cache(), "length": 0}
+
+    def _truncate(self, state, n):
+        self.runner.truncate(state["cache"], n)

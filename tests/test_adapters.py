@@ -106,7 +106,7 @@ def test_encoding_matches_the_chat_template(tokenizer, tmp_path):
     model, tok, proc, _ = build_tiny("qwen2_vl", "student", seed=0, tokenizer=tokenizer)
     enc = Encoder(get_adapter(model), tok, proc, model.config)
     e = enc.encode(_record())
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour is the star?"}]},
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]},
             {"role": "assistant", "content": "red."}]
     text = hf.apply_chat_template(msgs, tokenize=False)
     n = sum(1 for t in e.input_ids if t == enc.image_token_id)

@@ -24,7 +24,7 @@ def test_wheel_top_level_names_are_unique(tmp_path):
     packages = {t for t in tops if not t.endswith((".dist-info", ".data"))}
     assert packages == {"vlsi", "vlsi_train", "vlsi_export", "vlsi_runtimes", "vlsi_apps", "vlsi_cli"}
     names = zipfile.ZipFile(wheel).namelist()
-    assert "vlsi/templates/qwen2_vl_chat.jinja" in names
+    assert "vlsi/templates/chat.jinja" in names
 
 
 def test_import_names():

@@ -40,8 +40,8 @@ class Scripted(Runtime):
     def _logits(self, i) -> dict:
         return {FINAL: self._peak(self.script, i), LAYER: self._peak(self.layer_script, i)}
 
-    def _encode(self, images, text):
-        return Prompt(list(text.encode()), list(images))
+    def _encode(self, turns, images):
+        return Prompt(list(turns[-1].text.encode()), list(images))
 
     def _prefill(self, prompt):
         self.fed.append([])
@@ -186,3 +186,85 @@ def test_bad_settings_raise_config_errors(kw, match):
         rt.generate([], "hi", **kw)
     with pytest.raises(ConfigError, match=match):
         list(rt.stream_tokens([], "hi", **kw))
+
+
+# --------------------------------------------------------------------------- prefix reuse
+
+
+class Reusing(Scripted):
+    """Records what each prefill covered: ``("full", n)`` or ``("resume", kept, n)``."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.calls = []
+
+    def _encode(self, turns, images):
+        # every character a token; an image is 3 tokens of id 255 with a digest from its name
+        ids, spans, digests = [], [], []
+        text = "|".join(f"{t.role}:{t.text}" for t in turns)
+        for k, part in enumerate(text.split("<image>")):
+            if k:
+                spans.append((len(ids), 3))
+                digests.append(str(images[k - 1]))
+                ids += [255] * 3
+            ids += list(part.encode())
+        return Prompt(ids, None, spans, digests)
+
+    def _prefill(self, prompt):
+        self.calls.append(("full", len(prompt.ids)))
+        return super()._prefill(prompt)
+
+    def _resume(self, state, n, prompt):
+        self.calls.append(("resume", n, len(prompt.ids)))
+        return super()._prefill(prompt)
+
+
+def _turns(*texts, images=()):
+    msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(texts)]
+    if images:
+        msgs[0]["content"] = [*({"type": "image", "image": im} for im in images), {"type": "text", "text": texts[0]}]
+    return msgs
+
+
+def test_a_follow_up_reuses_the_conversation_and_counts_cached_tokens():
+    rt = Reusing(HELLO)
+    first = _turns("what is it?", images=["cat.png"])
+    assert rt.generate(first) == "hello world!"
+    assert rt.calls == [("full", len(rt.encode(first).ids))]
+    follow = _turns("what is it?", "hello world!", "and its colour?", images=["cat.png"])
+    gen = rt.generate(follow, stream=True)
+    assert "".join(gen) == "hello world!"
+    # the first prompt was reused whole, and then the fed answer tokens until the texts diverge
+    kind, kept, total = rt.calls[-1]
+    first_ids = rt.encode(first).ids
+    assert kind == "resume" and kept >= len(first_ids) - 1 and total == len(rt.encode(follow).ids)
+    assert gen.cached_tokens == kept and gen.prompt_tokens == total
+
+
+def test_a_different_image_cuts_the_reuse_at_that_image():
+    rt = Reusing(HELLO)
+    rt.generate(_turns("q", images=["a.png", "b.png"]))
+    rt.generate(_turns("q", images=["a.png", "c.png"]))
+    prompt = rt.encode(_turns("q", images=["a.png", "c.png"]))
+    assert rt.calls[-1] == ("resume", prompt.spans[1][0], len(prompt.ids))  # up to the second image, not into it
+    rt.generate(_turns("q", images=["z.png", "c.png"]))
+    other = rt.encode(_turns("q", images=["z.png", "c.png"]))
+    assert rt.calls[-1] == ("resume", other.spans[0][0], len(other.ids))  # only the text before the first image
+
+
+def test_reuse_off_and_a_failed_step_drop_the_entry():
+    rt = Reusing(HELLO)
+    rt.reuse = False
+    rt.generate(_turns("q"))
+    rt.generate(_turns("q"))
+    assert [c[0] for c in rt.calls] == ["full", "full"]
+    rt.reuse = True
+    rt.generate(_turns("q"))
+
+    def boom(state, token):
+        raise RuntimeError("device lost")
+
+    rt._step = boom
+    with pytest.raises(RuntimeError):
+        rt.generate(_turns("q"))
+    assert rt._entry is None

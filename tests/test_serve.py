@@ -184,7 +184,11 @@ def _post(server, body=None, raw=None, timeout=30):
 @pytest.mark.parametrize("case, status, needle", [
     ("malformed_json", 400, "not valid JSON"),
     ("missing_messages", 400, "messages"),
-    ("no_user_text", 400, "no text"),
+    ("assistant_last", 400, "must end with a user"),
+    ("unknown_role", 400, "must be one of"),
+    ("assistant_image", 400, "only user messages may hold images"),
+    ("too_many_images", 400, "images; the limit is"),
+    ("too_long", 400, "context holds"),
     ("invalid_base64", 400, "base64"),
     ("remote_url", 400, "remote URLs"),
     ("bomb", 400, "pixels"),
@@ -198,8 +202,16 @@ def test_bad_requests_get_openai_errors(server, case, status, needle):
     good = {"model": "tiny", "messages": _user(_png(0), "colour?"), "max_tokens": 4}
     bodies = {
         "missing_messages": {"model": "tiny"},
-        "no_user_text": {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                   "image_url": {"url": _data_url(_png(0))}}]}]},
+        "assistant_last": {**good, "messages": [*good["messages"], {"role": "assistant", "content": "red"}]},
+        "unknown_role": {**good, "messages": [{"role": "tool", "content": "x"}, *good["messages"]]},
+        "assistant_image": {**good, "messages": [*_user(None, "hi"), {"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(_png(1))}}]}, *_user(None, "and?")]},
+        "too_many_images": {**good, "messages": [*_user(_png(1), "a"), {"role": "assistant", "content": "b"},
+                                                 *_user(_png(2), "c"), {"role": "assistant", "content": "d"},
+                                                 *_user(_png(3), "e"), {"role": "assistant", "content": "f"},
+                                                 *_user(_png(4), "g"), {"role": "assistant", "content": "h"},
+                                                 *_user(_png(5), "i")]},
+        "too_long": {**good, "messages": [{"role": "user", "content": "word " * 900}], "max_tokens": CAP},
         "invalid_base64": {**good, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not base64@@"}},
             {"type": "text", "text": "x"}]}]},
@@ -221,6 +233,8 @@ def test_bad_requests_get_openai_errors(server, case, status, needle):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and set(err) == {"message", "type", "param", "code"}
+    if case in ("assistant_last", "unknown_role", "assistant_image"):
+        assert err["param"].startswith("messages[")  # names the message at fault
     assert httpx.get(f"{server['url']}/health", timeout=5).status_code == 200
 
 

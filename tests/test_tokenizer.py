@@ -66,4 +66,4 @@ def test_chat_template_renders_chatml(tmp_path, tokenizer):
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     s = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert s == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                 "<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
+                 "<|vision_start|><|image_pad|><|vision_end|>\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -53,16 +53,22 @@ def save_checkpoint(out_dir, model, tokenizer, image_processor, verbalizers=None
     from safetensors.torch import save_file
 
     from .archs import get_adapter
+    from .chat import chat_template
     from .tokenizer import save_tokenizer
 
     adapter = get_adapter(model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        template = chat_template(adapter.spec.image_marker)  # the layout vlsi trains with, whatever came in
         if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
+            before, tokenizer.chat_template = getattr(tokenizer, "chat_template", None), template
+            try:
+                tokenizer.save_pretrained(tmp)
+            finally:
+                tokenizer.chat_template = before
         else:
-            save_tokenizer(tokenizer, tmp)
+            save_tokenizer(tokenizer, tmp, image_marker=adapter.spec.image_marker)
         image_processor.save_pretrained(tmp)
         meta = {"format_version": FORMAT_VERSION, "adapter": adapter.name, "verbalizers": None,
                 "provenance": provenance or {}}

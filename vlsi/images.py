@@ -239,6 +239,20 @@ def validate_image(
         ) from None
 
 
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of a ``data:[type];base64,PAYLOAD`` URI; ImageError when it is not one."""
+    import base64
+    import binascii
+
+    head, sep, payload = uri.partition(",")
+    if not sep or ";base64" not in head:
+        raise ImageError("the image data URI must be base64 encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the image data URI is not valid base64") from None
+
+
 def load_image(
     src: ImageSource,
     spec=None,
@@ -247,8 +261,14 @@ def load_image(
 ) -> Image.Image:
     """Open an image (file path, file bytes or PIL image) as a checked RGB PIL image.
 
-    Paths are read once into memory, then handled like bytes by :func:`validate_image`.
+    Paths are read once into memory, then handled like bytes by :func:`validate_image`; a
+    ``data:image/...;base64,`` URI (what chat messages carry) is decoded first. Remote URLs are
+    refused: nothing is fetched.
     """
+    if isinstance(src, str) and src.startswith("data:"):
+        return validate_image(decode_data_uri(src), spec, max_input_pixels, source="data URI")
+    if isinstance(src, str) and src.split(":", 1)[0].lower() in ("http", "https", "ftp"):
+        raise ImageError(f"{src[:60]}: remote images are not fetched; pass a file path, the bytes or a data URI")
     if isinstance(src, (str, os.PathLike)):
         path = Path(src).expanduser()
         try:

@@ -47,8 +47,11 @@ PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 
 
-def chat_template() -> str:
-    return resources.files("vlsi").joinpath("templates/qwen2_vl_chat.jinja").read_text()
+def chat_template(image_marker: str | None = None) -> str:
+    """The chat template vlsi writes (see :func:`vlsi.chat.chat_template`); Qwen2-VL's marker by default."""
+    from .chat import chat_template as template
+
+    return template(image_marker) if image_marker else template()
 
 
 def build_tokenizer(texts: Iterable[str], bpe_vocab_size: int = 480):
@@ -80,7 +83,7 @@ def build_tokenizer(texts: Iterable[str], bpe_vocab_size: int = 480):
     return tok
 
 
-def save_tokenizer(tok, out_dir: str | Path, model_max_length: int = 4096) -> None:
+def save_tokenizer(tok, out_dir: str | Path, model_max_length: int = 4096, image_marker: str | None = None) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` as transformers expects them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +105,7 @@ def save_tokenizer(tok, out_dir: str | Path, model_max_length: int = 4096) -> No
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         "split_special_tokens": False,
-        "chat_template": chat_template(),
+        "chat_template": chat_template(image_marker),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 

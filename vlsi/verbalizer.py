@@ -408,6 +408,53 @@ class VerbalizerTap:
         self._pos = self._pos.max(dim=-1, keepdim=True).values + 1
         return self._run({"input_ids": tokens[:, None], "attention_mask": self._mask, "position_ids": self._pos})
 
+    def length(self) -> int:
+        """How many positions (padding included) the tap holds: its prompt and the tokens fed since."""
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` positions: the KV cache, the attention mask and the attending
+        heads' history are cut back to them, in place (prefix reuse; then :meth:`extend`).
+
+        Raises NotImplementedError, leaving the tap as it was, when the cache cannot be cut
+        (a sliding-window or otherwise non-croppable layer)."""
+        length = self.length()
+        if self.cache is None or not 0 < n <= length:
+            raise ValueError(f"cannot keep {n} of the {length} positions this tap holds")
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or any(getattr(layer, "is_sliding", False) or not getattr(layer, "is_croppable", False)
+                                 for layer in layers):
+            raise NotImplementedError("this KV cache cannot be cut back")
+        self.cache.crop(n - length)  # transformers: a negative count of positions to drop
+        if self.cache.get_seq_length() != n:
+            raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} positions after cutting to {n}")
+        self._mask = self._mask[:, :n]
+        self._history = {k: h[:, :n] for k, h in self._history.items()}
+
+    def extend(self, inputs: dict):
+        """Run more prompt tokens after the positions the tap holds (the rest of a prompt whose
+        beginning is already in the cache); -> the next-token logits as :meth:`prefill`.
+
+        ``inputs`` holds the new ``input_ids`` ``(B, m)``, their ``position_ids`` (the slice of
+        the whole prompt's positions, ``(..., B, m)``: M-RoPE positions depend on every image
+        before) and the image arguments of exactly the images among them; no attention mask
+        (the tap extends its own, the new tokens being real ones). Decoding then continues with
+        :meth:`step` as after a :meth:`prefill` of the whole prompt."""
+        if self.cache is None:
+            raise ValueError("nothing to extend: prefill first")
+        if "attention_mask" in inputs:
+            raise ValueError("extend() builds the attention mask itself; pass none")
+        ids = inputs["input_ids"]
+        self._mask = torch.cat([self._mask, torch.ones(ids.shape, dtype=self._mask.dtype, device=self._mask.device)],
+                               dim=1)
+        self._pos = inputs["position_ids"]
+        return self._run({**inputs, "attention_mask": self._mask})
+
+    def resume(self, n: int, inputs: dict):
+        """:meth:`truncate` to ``n`` positions, then :meth:`extend` with ``inputs``."""
+        self.truncate(n)
+        return self.extend(inputs)
+
     def _run(self, inputs: dict):
         with LayerTap(self.model, self.layers) as hidden:
             out = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)

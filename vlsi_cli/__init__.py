@@ -339,16 +339,19 @@ def _limits_options(f):
         click.option("--max-queue", default=8, show_default=True, help="Requests that may wait while one runs; more get 429."),
         click.option("--max-image-pixels", default=16_000_000, show_default=True, help="Largest decoded image, in pixels."),
         click.option("--max-body-mb", default=16, show_default=True, help="Largest request body, in MiB."),
+        click.option("--max-images", default=4, show_default=True, help="Images across a request's whole conversation."),
+        click.option("--max-prompt-tokens", default=8192, show_default=True,
+                     help="Tokens of a request's rendered conversation, images included."),
     ]):
         f = opt(f)
     return f
 
 
-def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb):
+def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb, max_images, max_prompt_tokens):
     from vlsi_apps.server import Limits
 
     return Limits(max_tokens=max_tokens, max_queue=max_queue, max_image_pixels=max_image_pixels,
-                  max_body_bytes=max_body_mb * 1024 * 1024)
+                  max_body_bytes=max_body_mb * 1024 * 1024, max_images=max_images, max_prompt_tokens=max_prompt_tokens)
 
 
 @main.command("serve")

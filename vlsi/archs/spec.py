@@ -100,4 +100,5 @@ class ArchSpec:
             "vocab_size": int(tc.vocab_size),
             "image_token_id": self.token_id(tokenizer, self.image_token),
             "position_axes": self.position_axes,
+            "max_position_embeddings": int(getattr(tc, "max_position_embeddings", 0) or 0) or None,
         }
