@@ -283,6 +283,12 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                 raise ApiError(404, f"model {body.get('model')!r} does not exist here; this server has "
                                f"{model_name!r}", param="model", code="model_not_found")
             opts = parse_options(body, limits)
+            stream_options = body.get("stream_options")
+            if stream_options is not None and not isinstance(stream_options, dict):
+                raise ApiError(400, "`stream_options` must be an object", param="stream_options")
+            include_usage = bool((stream_options or {}).get("include_usage"))
+            if not isinstance(body.get("stream", False), (bool, type(None))):
+                raise ApiError(400, "`stream` must be true or false", param="stream")
             want_layers = bool(body.get("verbalize"))
             if want_layers and not runtime.verbalizer_layers:
                 raise ApiError(400, "`verbalize` needs an artifact exported with its verbalizers "
@@ -398,6 +404,10 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                     else:
                         gen, timing, layers = val
                         yield _chunk(cid, created, model_name, {}, gen.finish_reason, **extras(gen, timing, layers))
+                        if include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
+                            body_ = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                     "model": model_name, "choices": [], "usage": usage(gen)}
+                            yield f"data: {json.dumps(body_)}\n\n"
                         break
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we finished): stop generating

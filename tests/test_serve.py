@@ -139,6 +139,54 @@ def test_chat_with_image_matches_the_runtime(server, rt):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_multi_turn_with_the_openai_client(server, rt):
+    """An image in the first turn, a follow-up that needs it: the server answers the whole
+    conversation as the runtime does, and the follow-up reuses the image's KV cache."""
+    png = _png(3)
+    first = _user(png, "what colour is the shape?")
+    c = _client(server)
+    r1 = c.chat.completions.create(model="tiny", messages=first, max_tokens=12, temperature=0)
+    a1 = r1.choices[0].message.content
+    assert a1 == rt.generate(first, max_new_tokens=12)
+    follow = [*first, {"role": "assistant", "content": a1}, {"role": "user", "content": "and what shape is it?"}]
+    r2 = c.chat.completions.create(model="tiny", messages=follow, max_tokens=12, temperature=0)
+    rt.forget()
+    assert r2.choices[0].message.content == rt.generate(follow, max_new_tokens=12, reuse=False)
+    prompt = rt.encode(follow)
+    assert r2.usage.prompt_tokens == len(prompt.ids)
+    (start, n_image), = prompt.spans
+    assert r2.usage.prompt_tokens_details.cached_tokens >= start + n_image  # the image was not encoded again
+
+
+def test_chat_ui_request_shape(server, rt):
+    """What chat UIs send: a system prompt, several turns, ``stream: true`` with
+    ``stream_options.include_usage``: the stream matches the runtime and ends with a usage chunk."""
+    png = _png(4)
+    messages = [{"role": "system", "content": "You answer in one word."}, *_user(png, "colour?"),
+                {"role": "assistant", "content": "red."}, {"role": "user", "content": [
+                    {"type": "text", "text": "and the shape?"}]}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 10, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server['url']}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert text == rt.generate(messages, max_new_tokens=10)
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"]["prompt_tokens"] == len(rt.encode(messages).ids)
+    assert last["usage"]["completion_tokens"] >= 1
+    # the openai client reads the same stream
+    stream = _client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=10, stream=True,
+                                                     stream_options={"include_usage": True})
+    got = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in got if ch.choices) == text
+    assert got[-1].usage.prompt_tokens == last["usage"]["prompt_tokens"]
+    assert got[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same conversation again
+
+
 def test_stream_ends_with_done(server):
     body = {"model": "tiny", "messages": _user(_png(1), "shape?"), "max_tokens": 8, "stream": True}
     with httpx.stream("POST", f"{server['url']}/v1/chat/completions", json=body,
