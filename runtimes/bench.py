@@ -1,6 +1,8 @@
 """``vlsi bench``: time to first token, decode tokens/s, vision-encoder latency and peak RSS
 per backend/precision, each in a fresh process, with ratios to PyTorch eager fp32 measured in
-the same run, and the memory-bandwidth roofline beside each decode figure."""
+the same run, and the memory-bandwidth roofline beside each decode figure; and the time to first
+token of a follow-up question about an image already seen, with and without prefix reuse,
+alternating in the same process."""
 
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
     ttft, tps, vis = [], [], []
     for _ in range(runs + 1):
         t0 = time.perf_counter()
-        it = rt.stream_tokens([image], prompt, new_tokens, ignore_eos=True)
+        it = rt.stream_tokens([image], prompt, new_tokens, ignore_eos=True, reuse=False)  # a cold prompt
         next(it)
         t1 = time.perf_counter()
         n = 1 + sum(1 for _ in it)
@@ -96,7 +98,46 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
            "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None, "peak_rss_mb": peak_rss_mb()}
     if rt.name == "gguf":
         row.update(_engine_reference(rt, prompt, new_tokens, runs, threads))
+    row.update(follow_up(rt, runs))
     return row
+
+
+def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> dict:
+    """Time to first token of a follow-up question about the image of the first turn: cold (the
+    whole conversation prefilled, the image encoded again) and with prefix reuse (the runtime
+    served the first turn just before), alternating, medians of ``runs``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((image_size, image_size, 3)) * 255).astype("uint8"))
+    first = [{"role": "user", "content": [{"type": "image", "image": image},
+                                          {"type": "text", "text": "Describe the picture."}]}]
+    answer = rt.decode(list(rt.stream_tokens(first, None, answer_tokens, ignore_eos=True, reuse=False)))
+    follow = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "What colour is it?"}]
+    prompt = rt.encode(follow)
+
+    def ttft(reuse: bool) -> tuple[float, int]:
+        if reuse:
+            list(rt.stream_tokens(first, None, answer_tokens, ignore_eos=True, reuse=False))  # the first turn, served
+        else:
+            rt.forget()
+        stats: dict = {}
+        t = time.perf_counter()
+        it = rt.stream_tokens(prompt, None, 1, reuse=reuse, stats=stats)
+        next(it, None)
+        took = time.perf_counter() - t
+        it.close()
+        return took, stats["cached_tokens"]
+
+    cold, warm, cached = [], [], 0
+    for _ in range(runs + 1):
+        cold.append(ttft(False)[0])
+        took, cached = ttft(True)
+        warm.append(took)
+    cold_s, warm_s = statistics.median(cold[1:]), statistics.median(warm[1:])
+    return {"followup_prompt_tokens": len(prompt.ids), "followup_cached_tokens": cached,
+            "followup_image_tokens": sum(n for _, n in prompt.spans), "followup_ttft_cold_s": cold_s,
+            "followup_ttft_reused_s": warm_s, "followup_reused_frac": warm_s / cold_s}
 
 
 def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int) -> dict:
@@ -121,7 +162,7 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
         return (new_tokens - 1) / (time.perf_counter() - t)
 
     def ours():
-        it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True)
+        it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True, reuse=False)
         next(it)
         t = time.perf_counter()
         k = sum(1 for _ in it)
@@ -180,6 +221,15 @@ def format_rows(rows: list[dict]) -> str:
                   "| precision | vlsi backend tok/s | Llama tok/s | vlsi / Llama |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['precision']} | {r['paired_decode_tok_s']:.1f} | {r['engine_decode_tok_s']:.1f} | "
                   f"{100 * r['x_engine']:.0f}% |" for r in paired]
+    follow = [r for r in rows if "followup_ttft_cold_s" in r]
+    if follow:
+        lines += ["", f"Follow-up question about an image already seen ({follow[0]['followup_image_tokens']} image "
+                      "tokens), time to first token, cold vs reusing the first turn's KV cache, alternating:", "",
+                  "| backend | precision | prompt tokens | cached | TTFT cold s | TTFT reused s | reused / cold |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['backend']} | {r['precision']} | {r['followup_prompt_tokens']} | {r['followup_cached_tokens']} | "
+                  f"{r['followup_ttft_cold_s']:.4f} | {r['followup_ttft_reused_s']:.4f} | "
+                  f"{100 * r['followup_reused_frac']:.0f}% |" for r in follow]
     lines.append(f"\ncopy bandwidth {rows[0]['copy_bandwidth_gb_s']:.1f} GB/s")
     return "\n".join(lines)
 

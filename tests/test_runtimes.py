@@ -128,3 +128,7 @@ def test_bench_table(pair, tiny_ckpt, tmp_path):
         assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 0 and r["roofline_tok_s"] > 0
     assert rows[1]["vision_s"] > 0
     assert "% of roofline" in res.output
+    for r in rows:  # the follow-up rows: the reused prefix holds the whole first turn, image included
+        assert r["followup_cached_tokens"] > r["followup_image_tokens"] > 0
+        assert r["followup_ttft_cold_s"] > 0 and r["followup_ttft_reused_s"] > 0
+    assert "TTFT reused s" in res.output
