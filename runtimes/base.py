@@ -48,10 +48,10 @@ class Prompt:
     """The checked images themselves, for backends that encode only the images a reused prefix lacks."""
 
     def keys(self) -> list:
-        """One comparable key per position: the token id, or ``(image digest, index)`` inside an image."""
+        """One comparable key per position: the token id, or ``(image digest, its tokens, index)`` inside an image."""
         keys: list = list(self.ids)
-        for (start, count), digest in zip(self.spans, self.digests):
-            keys[start:start + count] = [(digest, k) for k in range(count)]
+        for (start, count), digest in zip(self.spans, self.digests):  # the count too: some architectures
+            keys[start:start + count] = [(digest, count, k) for k in range(count)]  # tile an image by context
         return keys
 
 
@@ -234,6 +234,8 @@ class Runtime:
                 if i + 1 < max_new_tokens:  # the last token needs no forward pass after it
                     logits = self._step(state, tok)
                     keys.append(tok)
+        except GeneratorExit:  # the consumer stopped early (a stop string, a closed stream): the state is whole
+            raise
         except BaseException:
             state = None  # a step that failed half-way leaves the state unknown
             raise
@@ -335,11 +337,23 @@ class SpecRuntime(Runtime):
         embeds = self._embed_tokens(ids[:, start:])
         new = [k for k, (first, _) in enumerate(prompt.spans) if first >= start]
         if new:
-            vision = prompt.images if len(new) == len(prompt.spans) else \
-                self.spec.prepare_images([prompt.sources[k] for k in new], self.image_spec, self.model)
-            embeds[0, ids[0, start:] == self.image_token_id] = self._vision(vision)
+            embeds[0, ids[0, start:] == self.image_token_id] = self._new_image_features(prompt, new)
         state["next_pos"] = int(pos.max()) + 1
         return state, self._forward(state, embeds, pos[..., start:])
+
+    def _new_image_features(self, prompt: Prompt, new: list[int]) -> np.ndarray:
+        """The vision features of images ``new`` (indices into the prompt's images), in order:
+        those images alone when they encode as in the whole prompt, else all of them, sliced
+        (LLaVA-OneVision tiles an image differently alone than among several)."""
+        if len(new) < len(prompt.spans):
+            alone = self.spec.prepare_images([prompt.sources[k] for k in new], self.image_spec, self.model)
+            if list(alone.tokens) == [prompt.spans[k][1] for k in new]:
+                return self._vision(alone)
+        feats = self._vision(prompt.images)
+        if len(new) == len(prompt.spans):
+            return feats
+        bounds = np.cumsum([0, *(count for _, count in prompt.spans)])
+        return np.concatenate([feats[bounds[k]:bounds[k + 1]] for k in new])
 
     def _step(self, state, token):
         emb = self._embed_tokens(np.array([[token]], np.int64))

@@ -180,4 +180,7 @@ class TensorRTRuntime(SpecRuntime):
         return {"cache": self.runner.new_cache(), "length": 0}
 
     def _truncate(self, state, n):
-        self.runner.truncate(state["cache"], n)
+        truncate = getattr(self.runner, "truncate", None)
+        if truncate is None:  # TensorRT engines: the device KV buffers are laid out per length; prefill whole
+            raise NotImplementedError
+        truncate(state["cache"], n)

@@ -89,7 +89,8 @@ class TorchRuntime(Runtime):
             return {}
         ad, proc = self.ck.adapter, self.ck.image_processor
         if len(new) == len(prompt.spans):  # all of them: as the full prefill passes them
-            return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "position_ids")}
+            text = ("input_ids", "attention_mask", "labels", "position_ids")
+            return {k: v for k, v in batch.items() if k not in text}
         counts = [prompt.spans[k][1] for k in new]
         processed = ad.process_images(proc, [prompt.sources[k] for k in new])
         if ad.image_token_counts(self.model.config, proc, processed) == counts:

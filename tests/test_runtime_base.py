@@ -268,3 +268,13 @@ def test_reuse_off_and_a_failed_step_drop_the_entry():
     with pytest.raises(RuntimeError):
         rt.generate(_turns("q"))
     assert rt._entry is None
+
+
+def test_a_consumer_that_stops_early_leaves_the_sequence_cached():
+    rt = Reusing(HELLO)
+    assert rt.generate(_turns("q"), stop=[" wor"]) == "hello"  # the stream is closed at the stop string
+    assert rt._entry is not None
+    it = rt.stream_tokens(_turns("q"), None, 8)
+    next(it)
+    it.close()
+    assert rt._entry is not None and rt.calls[-1][0] == "resume"
