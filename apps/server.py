@@ -46,6 +46,8 @@ class Limits:
     """Characters of text across the whole conversation."""
     max_prompt_tokens: int = 8192
     """Tokens of the rendered conversation (images included)."""
+    max_image_tokens: int = 4096
+    """Image tokens across the conversation's images (what the vision encoder costs)."""
     verbalize_tokens: int = 32
 
 
@@ -129,10 +131,12 @@ def parse_options(body: dict, limits: Limits) -> dict:
         v = body.get(name, default)
         if v is None:
             v = default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
             raise ApiError(400, f"`{name}` must be {'an integer' if kind is int else 'a number'}", param=name)
-        if not lo <= v <= hi:
-            raise ApiError(400, f"`{name}`={v} must be between {lo} and {hi}", param=name)
+        if not lo <= v <= hi:  # before any float(): an integer too large for a float is just out of range
+            raise ApiError(400, f"`{name}`={str(v)[:40]} must be between {lo} and {hi}", param=name)
+        if kind is int and isinstance(v, float) and not v.is_integer():
+            raise ApiError(400, f"`{name}` must be an integer", param=name)
         return kind(v)
 
     cap_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -150,13 +154,18 @@ def parse_options(body: dict, limits: Limits) -> dict:
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "`stop` must be a string or a list of up to 4 non-empty strings", param="stop")
     opts["stop"] = stop
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise ApiError(400, "only n=1 is supported", param="n")
     return opts
 
 
-def check_length(prompt_tokens: int, max_new_tokens: int, limits: Limits, context: int | None) -> None:
-    """The rendered conversation against the token limit and the model's context."""
+def check_length(prompt, max_new_tokens: int, limits: Limits, context: int | None) -> None:
+    """The rendered conversation against the token limits and the model's context."""
+    image_tokens = sum(n for _, n in getattr(prompt, "spans", []))
+    if image_tokens > limits.max_image_tokens:
+        raise ApiError(400, f"the conversation's images take {image_tokens} image tokens; the limit is "
+                       f"{limits.max_image_tokens} (send smaller images)", param="messages", code="images_too_large")
+    prompt_tokens = len(prompt.ids)
     if prompt_tokens > limits.max_prompt_tokens:
         raise ApiError(400, f"the conversation is {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}",
                        param="messages", code="context_length_exceeded")
@@ -273,8 +282,8 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
             raw = await request.body()
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            except (ValueError, RecursionError) as e:  # also UTF-8 errors, 4300-digit integers, deep nesting
+                raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the request body must be a JSON object")
             if "messages" not in body:
@@ -303,7 +312,7 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                 encoded = await asyncio.to_thread(runtime.encode, messages)
             except VLsIError as e:
                 raise ApiError(400, str(e), param=getattr(e, "param", None) or "messages") from None
-            check_length(len(encoded.ids), opts["max_new_tokens"], limits, getattr(runtime, "context_length", None))
+            check_length(encoded, opts["max_new_tokens"], limits, getattr(runtime, "context_length", None))
         except ApiError as e:
             engine.release(served=False)
             return error(e)

@@ -145,8 +145,12 @@ class Runtime:
     def _pick(self, logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
         if temperature <= 0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / temperature
-        p = np.exp(z - z.max())
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            z = (logits.astype(np.float64) - float(np.max(logits))) / temperature  # <= 0: no overflow at tiny T
+            p = np.exp(z)
+        p = np.where(np.isfinite(p), p, 0.0)
+        if not p.sum() > 0:
+            return int(np.argmax(logits))
         p /= p.sum()
         if top_p < 1.0:
             order = np.argsort(-p)

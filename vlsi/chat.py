@@ -153,6 +153,11 @@ def conversation(messages) -> tuple[tuple[Turn, ...], list]:
         else:
             raise MessageError(f"{where}.content must be a string or a list of parts", f"{where}.content")
         for k, piece in enumerate(pieces):
+            try:
+                piece.encode("utf-8")
+            except UnicodeEncodeError:
+                raise MessageError(f"{where}: the text is not valid Unicode (a lone surrogate)",
+                                   f"{where}.content") from None
             if piece != IMAGE_PLACEHOLDER and IMAGE_PLACEHOLDER in piece:
                 raise MessageError(f"{where}: the text holds {IMAGE_PLACEHOLDER!r}; send images as image parts",
                                    f"{where}.content")

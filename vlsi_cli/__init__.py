@@ -342,16 +342,19 @@ def _limits_options(f):
         click.option("--max-images", default=4, show_default=True, help="Images across a request's whole conversation."),
         click.option("--max-prompt-tokens", default=8192, show_default=True,
                      help="Tokens of a request's rendered conversation, images included."),
+        click.option("--max-image-tokens", default=4096, show_default=True,
+                     help="Image tokens across a request's images (the vision encoder's cost)."),
     ]):
         f = opt(f)
     return f
 
 
-def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb, max_images, max_prompt_tokens):
+def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb, max_images, max_prompt_tokens, max_image_tokens):
     from vlsi_apps.server import Limits
 
     return Limits(max_tokens=max_tokens, max_queue=max_queue, max_image_pixels=max_image_pixels,
-                  max_body_bytes=max_body_mb * 1024 * 1024, max_images=max_images, max_prompt_tokens=max_prompt_tokens)
+                  max_body_bytes=max_body_mb * 1024 * 1024, max_images=max_images, max_prompt_tokens=max_prompt_tokens,
+                  max_image_tokens=max_image_tokens)
 
 
 @main.command("serve")
