@@ -70,3 +70,48 @@ def test_unmapped_tensors_and_architectures_are_refused(tmp_path):
     save_tiny(path, arch="llava_onevision", size="student", seed=0)
     with pytest.raises(UnsupportedArchitectureError, match="LLaVA-OneVision"):
         write_text_gguf(load_checkpoint(path), path, tmp_path / "x.gguf")
+
+
+def test_tiny_processors_take_the_bounds_llama_cpps_clip_uses():
+    """llama.cpp's clip resizes every Qwen2-VL image to 8..4096 merged tokens (hard-coded for the
+    projector); the tiny processors use the same bounds, so a 56 px image is 84 px on both sides."""
+    from vlsi.archs.qwen2_vl.gguf import Qwen2VLGguf
+    from vlsi.archs.qwen2_vl.image import smart_resize
+    from vlsi.tiny import tiny_image_processor
+
+    assert Qwen2VLGguf.clip_image_tokens == (8, 4096)
+    for arch in ("qwen2_vl", "qwen2_5_vl"):
+        proc = tiny_image_processor(arch, 56)
+        assert (proc.size["shortest_edge"], proc.size["longest_edge"]) == (8 * 784, 4096 * 784)
+        assert Qwen2VLGguf().clip_resize(proc.to_dict())["differs"] is False
+    assert smart_resize(56, 56, 28, 8 * 784, 4096 * 784) == (84, 84)
+
+
+def test_processor_bounds_clip_ignores_are_written_and_reported(tiny_ckpt, tmp_path, capsys):
+    """A real Qwen2-VL processor (4..16384 tokens) against clip's 8..4096: the mmproj holds the
+    processor's bounds for llama.cpp versions that read them, the manifest says which images
+    llama.cpp's own tools size differently, and export prints the flags that make them agree."""
+    import json
+    import shutil
+
+    from vlsi.manifest import load_manifest
+    from vlsi_export import get_target
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    pre = json.loads((ckpt / "preprocessor_config.json").read_text())
+    pre["size"] = {"shortest_edge": 3136, "longest_edge": 12845056}  # Qwen2-VL-2B-Instruct's
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(pre))
+    out = get_target("gguf")(ckpt, tmp_path / "gguf", quant="f32", mmproj_quant="f32", validate=False)
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if "llama.cpp's own tools" in ln)
+    assert "8..4096 image tokens" in line and "4..16384" in line
+    assert "--image-min-tokens 4 --image-max-tokens 16384" in line
+    details = load_manifest(out).graph("mmproj").details
+    assert details["clip_resize"]["differs"] is True
+    assert details["clip_resize"]["flags"] == "--image-min-tokens 4 --image-max-tokens 16384"
+    assert "6272 pixels" in details["clip_resize"]["resized_differently"]
+    assert (details["image_min_tokens"], details["image_max_tokens"]) == (4, 16384)
+    r = gguf.GGUFReader(str(out / load_manifest(out).graph("mmproj").file))
+    assert _field(r, "clip.vision.image_min_pixels") == 3136
+    assert _field(r, "clip.vision.image_max_pixels") == 12845056

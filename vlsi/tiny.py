@@ -37,7 +37,9 @@ class TinySpec:
     rope_theta: float = 10000.0
     """Rotary base of the decoder."""
     image_size: int = 84
-    """Square image side the tiny image processor keeps (multiple of 28)."""
+    """Square image side the model is built for (multiple of 28). Qwen2-VL processors keep any
+    image between llama.cpp's image token bounds (see :func:`tiny_image_processor`), so a side
+    below 84 px (8 merged tokens) is upscaled to 84."""
 
 
 SIZES: dict[str, TinySpec] = {
@@ -118,7 +120,29 @@ def build_tiny(arch: str = "qwen2_vl", size: str | TinySpec = "student", seed: i
     torch.manual_seed(seed)
     model = adapter.model_class()(config)
     model.eval()
-    return model, tok, adapter.tiny_image_processor(spec.image_size), spec
+    return model, tok, tiny_image_processor(arch, spec.image_size), spec
+
+
+def tiny_image_processor(arch: str, image_size: int):
+    """The tiny image processor of ``arch``. Where llama.cpp's clip fixes the image token bounds
+    for the architecture's projector (Qwen2-VL: every image resized to 8..4096 merged tokens,
+    whatever the mmproj says, and llama-cpp-python's ``MTMDChatHandler`` has no setting for
+    them), the processor takes exactly those bounds, so that llama.cpp's own tools and the
+    model resize every image to the same size (a 56 px square to 84 px: 9 tokens, not 4)."""
+    from .archs import get_adapter, get_arch
+
+    adapter = get_adapter(arch)
+    proc = adapter.tiny_image_processor(image_size)
+    if "gguf" not in get_arch(arch).targets:
+        return proc
+    from .archs import get_export
+
+    bounds = get_export(arch, "gguf").clip_image_tokens
+    if bounds is None:
+        return proc
+    unit = (int(proc.patch_size) * int(proc.merge_size)) ** 2
+    lo, hi = bounds
+    return type(proc).from_dict({**proc.to_dict(), "size": {"shortest_edge": lo * unit, "longest_edge": hi * unit}})
 
 
 def save_tiny(out_dir: str | Path, arch: str = "qwen2_vl", size: str = "student", seed: int = 0,

@@ -15,6 +15,7 @@ parts (tables, hyper-parameters, vision checks) live in ``vlsi/archs/<arch>/gguf
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,7 @@ def write_mmproj_gguf(ck, folder: Path, dst: Path, ftype: str = "f16") -> dict:
     w.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)  # fixed in transformers' vision blocks
     w.add_array("clip.vision.image_mean", [float(x) for x in pre["image_mean"]])
     w.add_array("clip.vision.image_std", [float(x) for x in pre["image_std"]])
+    parts.image_hparams(w, pre)
     parts.vision_hparams(w, cfg)  # refuses towers clip would run differently
 
     table = parts.vision_tensors()
@@ -260,6 +262,16 @@ def _fallbacks(quant: str, types: dict) -> list[str]:
             if kind not in expect and not (kind == "F32" and (name.endswith(".bias") or name.endswith("norm.weight")))]
 
 
+def clip_resize_line(projector: str, resize: dict) -> str:
+    """The one line export prints when llama.cpp's own tools size some images differently."""
+    lo, hi = resize["clip_image_tokens"]
+    plo, phi = resize["processor_image_tokens"]
+    return (f"note: llama.cpp's own tools (llama-mtmd-cli, llama-server, llama-cpp-python's MTMDChatHandler) resize "
+            f"images for {projector} to {lo}..{hi} image tokens, this model's processor to {plo}..{phi}: "
+            f"{resize['resized_differently']} get another size there; run them with {resize['flags']} "
+            "(MTMDChatHandler has no such setting). vlsi's own llama.cpp backend resizes as the processor does.")
+
+
 @dataclass(frozen=True)
 class GgufOptions(CommonOptions):
     quant: str = option("f16", "Text model type (q8_0 ... q6_k: llama.cpp's own quantiser).", GGUF_TYPES)
@@ -295,13 +307,16 @@ class GgufTarget(Target):
             warnings.warn(f"{quant}: llama.cpp wrote {len(fallbacks)} tensors in another type (rows that do not fit "
                           f"its blocks), e.g. {fallbacks[0]}; the manifest lists them all", stacklevel=2)
         pre = json.loads((folder / "preprocessor_config.json").read_text())
+        resize = _parts(ck).clip_resize(pre)
+        if resize["differs"]:
+            print(clip_resize_line(_parts(ck).projector_type, resize), file=sys.stderr)
         graphs = {
             "text": Graph(text.name, quant, details={
                 "types": written["counts"], "bits_per_weight": written["bits_per_weight"],
                 "fallbacks": fallbacks, "tensor_types": written["tensors"]}),
             "mmproj": Graph(mmproj.name, opts.mmproj_quant, details={
                 "types": dict(Counter(vis["types"].values())), "fallbacks": vis["fallbacks"],
-                **_parts(ck).image_token_limits(pre)}),
+                **_parts(ck).image_token_limits(pre), "clip_resize": resize}),
         }
         if opts.verbalizers:
             write_verbalizers_gguf(ck, tmp / "verbalizers.gguf")

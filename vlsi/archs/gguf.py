@@ -77,12 +77,25 @@ class GgufParts:
     """llama.cpp clip's ``clip.projector_type``."""
     text_table: list[tuple] = []
     vision_table: list[tuple] = []
+    clip_image_tokens: tuple[int, int] | None = None
+    """``(min, max)`` merged image tokens llama.cpp's clip resizes every image into for this
+    projector when the caller sets no ``image_min_tokens`` / ``image_max_tokens``; ``None``
+    where clip reads the bounds from the mmproj."""
 
     def text_tensors(self) -> TensorTable:
         return TensorTable(self.text_table, f"{self.text_arch} text model", type(self).__module__)
 
     def vision_tensors(self) -> TensorTable:
         return TensorTable(self.vision_table, f"{self.projector_type} vision projector", type(self).__module__)
+
+    def image_hparams(self, w, pre: dict) -> None:
+        """Write the image processor's settings (``pre``: ``preprocessor_config.json``) that
+        clip reads; nothing by default."""
+
+    def clip_resize(self, pre: dict) -> dict:
+        """How llama.cpp's own tools size images for this projector against the model's processor
+        (``{"differs": False}`` when they agree or clip reads the bounds from the file)."""
+        return {"differs": False}
 
     def refuse(self, problems: list[str]) -> None:
         if problems:

@@ -63,6 +63,9 @@ class Qwen2VLGguf(GgufParts):
     text_table = QWEN2VL_TEXT
     vision_table = QWEN2VL_VISION
     vision_act = "quick_gelu"
+    # llama.cpp's tools/mtmd/clip.cpp, PROJECTOR_TYPE_QWEN2VL / QWEN25VL: set_limit_image_tokens(8, 4096);
+    # clip.vision.image_min/max_pixels are not read for these projectors (llama-cpp-python 0.3.36)
+    clip_image_tokens = (8, 4096)
 
     def text_hparams(self, w, config, sizes) -> None:
         """The text model's hyper-parameters, with M-RoPE's sections."""
@@ -116,11 +119,50 @@ class Qwen2VLGguf(GgufParts):
         w.add_uint32("clip.vision.attention.head_count", int(vc.num_heads))
         w.add_uint32("clip.vision.spatial_merge_size", int(vc.spatial_merge_size))
 
-    def image_token_limits(self, pre: dict) -> dict:
-        """Image token bounds from the processor config, for mtmd's image_min/max_tokens (so
-        llama.cpp resizes images to the sizes the model was trained on)."""
+    def image_hparams(self, w, pre: dict) -> None:
+        """The processor's pixel bounds as clip's ``image_min/max_pixels`` keys, for llama.cpp
+        versions that read them for this projector (the one llama-cpp-python 0.3.36 ships does
+        not: it uses :attr:`clip_image_tokens`, see :meth:`clip_resize`)."""
         from .image import Qwen2VLImageSpec
 
         spec = Qwen2VLImageSpec.from_preprocessor_config(pre)
-        unit = (spec.patch_size * spec.merge_size) ** 2
-        return {"image_min_tokens": max(1, spec.min_pixels // unit), "image_max_tokens": max(1, spec.max_pixels // unit)}
+        w.add_uint32("clip.vision.image_min_pixels", spec.min_pixels)
+        w.add_uint32("clip.vision.image_max_pixels", spec.max_pixels)
+
+    def image_token_limits(self, pre: dict) -> dict:
+        """Image token bounds from the processor config, for mtmd's image_min/max_tokens (so
+        llama.cpp resizes images to the sizes the model was trained on): the fewest tokens an
+        image may have without being grown, the most without being shrunk."""
+        from .image import Qwen2VLImageSpec
+
+        spec = Qwen2VLImageSpec.from_preprocessor_config(pre)
+        unit = spec.factor ** 2
+        return {"image_min_tokens": max(1, -(-spec.min_pixels // unit)), "image_max_tokens": max(1, spec.max_pixels // unit)}
+
+    def clip_resize(self, pre: dict) -> dict:
+        """How llama.cpp's clip sizes images for this projector against the model's processor.
+
+        Both pick the size the same way (sides multiples of 28, pixel count within bounds, the
+        same Pillow-exact bicubic filter), but clip's bounds are :attr:`clip_image_tokens` unless
+        the caller passes ``image_min/max_tokens``. Returns ``{"clip_image_tokens",
+        "processor_image_tokens", "differs"}`` and, when they differ, ``"resized_differently"``
+        (which images) and ``"flags"`` (what makes llama.cpp's tools agree)."""
+        from .image import Qwen2VLImageSpec
+
+        lo, hi = self.clip_image_tokens
+        unit = Qwen2VLImageSpec.from_preprocessor_config(pre).factor ** 2
+        limits = self.image_token_limits(pre)
+        plo, phi = limits["image_min_tokens"], limits["image_max_tokens"]
+        out = {"clip_image_tokens": [lo, hi], "processor_image_tokens": [plo, phi], "differs": (plo, phi) != (lo, hi)}
+        if not out["differs"]:
+            return out
+        which = []
+        if plo != lo:
+            n = max(plo, lo)
+            which.append(f"smaller than about {n * unit} pixels ({n} image tokens)")
+        if phi != hi:
+            n = min(phi, hi)
+            which.append(f"larger than about {n * unit} pixels ({n} image tokens)")
+        out["resized_differently"] = "images " + " or ".join(which)
+        out["flags"] = f"--image-min-tokens {plo} --image-max-tokens {phi}"
+        return out
