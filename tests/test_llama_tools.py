@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 
 N_QUESTIONS = 30
 AGREEMENT = 0.95  # NVIDIA's model CI bar for answer agreement with the HF model (DESIGN.md)
-TRAIN_STEPS = 120
+TRAIN_STEPS = 400
+"""About a minute on an idle 2-core CPU. With 250 steps the student still answers from the text
+alone (one answer per question family), which would make the agreement meaningless."""
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,7 +87,7 @@ def questions(data56):
 def reference(ckpt, questions):
     answers = tools.ask_torch(ckpt, questions)
     # the check means something only if the answers follow the image
-    assert len(set(answers)) >= 4, f"the briefly trained model answers {set(answers)}; train it longer"
+    assert len(set(answers)) >= 5, f"the briefly trained model answers {set(answers)}; train it longer"
     return answers
 
 
