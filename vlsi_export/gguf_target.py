@@ -5,7 +5,10 @@ The artifact folder holds ``model-<type>.gguf`` (the language model as the llama
 architecture the model's ``gguf.py`` names, e.g. ``qwen2vl`` with ``rope.dimension_sections``
 from the M-RoPE sections; the tokenizer as ``gpt2`` BPE with the ``qwen2`` pre-tokenizer,
 padded to the embedding's rows; every tensor through the architecture's declarative table),
-``mmproj-<type>.gguf`` (the vision tower and projector as a clip file), with ``--verbalizers``
+``mmproj-<type>.gguf`` (the vision tower and projector as a clip file, with the processor's pixel
+bounds; where llama.cpp's clip uses other bounds for the projector, the manifest's ``clip_resize``
+and one printed line say which images llama.cpp's own tools size differently and the flags that
+make them agree), with ``--verbalizers``
 a ``verbalizers.gguf`` sidecar holding the heads, the tokenizer/processor files, and
 ``manifest.json`` recording the tensor types actually written (llama.cpp falls back to other
 types where a row width does not fit a block; the manifest says so). The architecture's
