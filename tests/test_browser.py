@@ -49,9 +49,10 @@ def _norm(messages: list) -> list:
 
 
 def _final_chunk(sse: str) -> dict:
-    """The last chunk of an SSE chat stream that carries usage (and the extras next to it)."""
+    """The finishing chunk of an SSE chat stream: usage and the extras next to it (the usage-only
+    chunk that ``include_usage`` adds after it has no choices)."""
     chunks = [json.loads(line[6:]) for line in sse.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
-    return next(c for c in reversed(chunks) if c.get("usage"))
+    return next(c for c in reversed(chunks) if c.get("choices") and c["choices"][0].get("finish_reason"))
 
 
 @pytest.mark.slow
