@@ -59,7 +59,7 @@ def onnx_artifact(tiny_ckpt, tmp_path_factory):
 
 
 def train_briefly(arch: str, synth_data, root, size: str = "student"):
-    """A student of ``arch`` pretrained 40 steps, then verbalizers (1, 3, 5) trained 60 steps on
+    """A student of ``arch`` pretrained 40 steps, then verbalizers (1, 3, 5) trained 120 steps on
     the synthetic data: peaked next-token distributions, as a real model has, so that parity
     gates measure quantisation error rather than ties between near-equal logits."""
     import json
@@ -75,6 +75,6 @@ def train_briefly(arch: str, synth_data, root, size: str = "student"):
                                                 for k, v in base.items()])
 
     train(cfg(stage="pretrain", model=f"tiny:{size}", out=str(root / "s"), steps=40))
-    train(cfg(stage="verbalize", model=str(root / "s"), out=str(root / "sv"), steps=60,
+    train(cfg(stage="verbalize", model=str(root / "s"), out=str(root / "sv"), steps=120,
               **{"verbalizer.target_layers": "1::2"}))
     return root / "sv"
