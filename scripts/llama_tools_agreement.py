@@ -210,8 +210,9 @@ def handler_prompt(llm, q: Question) -> tuple[str, list[int]]:
     mt = h._mtmd_cpp
     marker = mt.mtmd_default_marker().decode()
     msgs = messages(q)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[lcf.Jinja2ChatFormatter.IgnoreGenerationTags, "jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[lcf.Jinja2ChatFormatter.IgnoreGenerationTags, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lcf.Jinja2ChatFormatter.tojson
     template = env.from_string(h._get_chat_template(llm))
     text = template.render(messages=h._get_template_messages(msgs, marker), add_generation_prompt=True,

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tools():
-    spec = importlib.util.spec_from_file_location("llama_tools_agreement", ROOT / "scripts" / "llama_tools_agreement.py")
+    path = ROOT / "scripts" / "llama_tools_agreement.py"
+    spec = importlib.util.spec_from_file_location("llama_tools_agreement", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from vlsi.atomic import atomic_write_text
 
-CODE_VERSION = "qs-2"
+CODE_VERSION = "qs-3"  # qs-3: Qwen2-VL tiny processors take llama.cpp clip's image bounds (56 px -> 84 px)
 """Part of the teacher cache key; qs-2: long runs train under torchrun (DDP) when --jobs > 1."""
 
 

@@ -137,7 +137,8 @@ class Qwen2VLGguf(GgufParts):
 
         spec = Qwen2VLImageSpec.from_preprocessor_config(pre)
         unit = spec.factor ** 2
-        return {"image_min_tokens": max(1, -(-spec.min_pixels // unit)), "image_max_tokens": max(1, spec.max_pixels // unit)}
+        return {"image_min_tokens": max(1, -(-spec.min_pixels // unit)),
+                "image_max_tokens": max(1, spec.max_pixels // unit)}
 
     def clip_resize(self, pre: dict) -> dict:
         """How llama.cpp's clip sizes images for this projector against the model's processor.
