@@ -15,8 +15,6 @@ kept verbalizer layer answers, shallow to deep (the paper's Figure 3), decoded g
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import threading
 import time
@@ -25,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlsi.errors import VLsIError
-from vlsi.images import validate_image
+from vlsi.images import ImageError, decode_data_uri, validate_image
 
 STATIC = Path(__file__).parent / "static"
 
@@ -71,14 +69,10 @@ def _image_from_url(url: str, limits: Limits, image_spec=None, param: str = "mes
         raise ApiError(400, "only base64 data URIs are accepted for images (data:image/png;base64,...); "
                        "remote URLs are refused because this server may run offline", param=param,
                        code="unsupported_image_url")
-    head, _, payload = url.partition(",")
-    if ";base64" not in head:
-        raise ApiError(400, "the image data URI must be base64 encoded (data:image/...;base64,...)", param=param)
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "the image data URI is not valid base64", param=param,
-                       code="invalid_base64") from None
+        raw = decode_data_uri(url)
+    except ImageError as e:
+        raise ApiError(400, str(e), param=param, code="invalid_base64") from None
     try:
         return validate_image(raw, image_spec, max_input_pixels=limits.max_image_pixels, source="image_url")
     except VLsIError as e:

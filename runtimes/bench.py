@@ -68,7 +68,8 @@ def weight_bytes(path: Path) -> int:
     return sum(sizes.values())
 
 
-def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int) -> dict:
+def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int,
+             image_size: int = 224) -> dict:
     import vlsi_runtimes
     from PIL import Image
 
@@ -98,7 +99,7 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
            "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None, "peak_rss_mb": peak_rss_mb()}
     if rt.name == "gguf":
         row.update(_engine_reference(rt, prompt, new_tokens, runs, threads))
-    row.update(follow_up(rt, runs))
+    row.update(follow_up(rt, runs, image_size))
     return row
 
 
@@ -112,9 +113,14 @@ def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> 
     image = Image.fromarray((rng.random((image_size, image_size, 3)) * 255).astype("uint8"))
     first = [{"role": "user", "content": [{"type": "image", "image": image},
                                           {"type": "text", "text": "Describe the picture."}]}]
-    answer = rt.decode(list(rt.stream_tokens(first, None, answer_tokens, ignore_eos=True, reuse=False)))
+    said = list(rt.stream_tokens(first, None, answer_tokens, ignore_eos=True, reuse=False))
+    answer = rt.decode(said)
     follow = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "What colour is it?"}]
     prompt = rt.encode(follow)
+    # a client sends the answer back as text: where it does not re-tokenise to the generated ids
+    # (random weights say odd things) the reuse stops there, as it does in llama-server
+    first_ids = rt.encode(first).ids
+    roundtrip = prompt.ids[len(first_ids):len(first_ids) + len(said)] == [int(t) for t in said]
 
     def ttft(reuse: bool) -> tuple[float, int]:
         if reuse:
@@ -135,7 +141,8 @@ def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> 
         took, cached = ttft(True)
         warm.append(took)
     cold_s, warm_s = statistics.median(cold[1:]), statistics.median(warm[1:])
-    return {"followup_prompt_tokens": len(prompt.ids), "followup_cached_tokens": cached,
+    return {"followup_image_size": image_size, "followup_answer_roundtrip": roundtrip,
+            "followup_prompt_tokens": len(prompt.ids), "followup_cached_tokens": cached,
             "followup_image_tokens": sum(n for _, n in prompt.spans), "followup_ttft_cold_s": cold_s,
             "followup_ttft_reused_s": warm_s, "followup_reused_frac": warm_s / cold_s}
 
@@ -177,13 +184,13 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
 
 
 def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int = 64, runs: int = 5,
-          threads: int = 0) -> list[dict]:
+          threads: int = 0, image_size: int = 224) -> list[dict]:
     """Benchmark the reference checkpoint (PyTorch eager fp32) and every artifact."""
     bw = copy_bandwidth(threads=threads)
     rows = []
     for path, backend in [(str(reference), "torch"), *[(str(a), "auto") for a in artifacts]]:
         cmd = [sys.executable, "-m", "vlsi_runtimes.bench", path, backend, str(prompt_tokens), str(new_tokens),
-               str(runs), str(threads)]
+               str(runs), str(threads), str(image_size)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"bench of {path} failed:\n{res.stderr[-2000:]}")
@@ -223,8 +230,9 @@ def format_rows(rows: list[dict]) -> str:
                   f"{100 * r['x_engine']:.0f}% |" for r in paired]
     follow = [r for r in rows if "followup_ttft_cold_s" in r]
     if follow:
-        lines += ["", f"Follow-up question about an image already seen ({follow[0]['followup_image_tokens']} image "
-                      "tokens), time to first token, cold vs reusing the first turn's KV cache, alternating:", "",
+        lines += ["", f"Follow-up question about an image already seen ({follow[0]['followup_image_size']} px, "
+                      f"{follow[0]['followup_image_tokens']} image tokens), time to first token, cold vs reusing "
+                      "the first turn's KV cache, alternating:", "",
                   "| backend | precision | prompt tokens | cached | TTFT cold s | TTFT reused s | reused / cold |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['backend']} | {r['precision']} | {r['followup_prompt_tokens']} | {r['followup_cached_tokens']} | "
@@ -235,5 +243,5 @@ def format_rows(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    p, backend, pt, nt, runs, threads = sys.argv[1:7]
-    print(json.dumps(_measure(p, backend, int(pt), int(nt), int(runs), int(threads))))
+    p, backend, pt, nt, runs, threads, size = sys.argv[1:8]
+    print(json.dumps(_measure(p, backend, int(pt), int(nt), int(runs), int(threads), int(size))))

@@ -15,7 +15,7 @@ import torch
 
 from vlsi.archs import get_adapter
 from vlsi.checkpoint import save_checkpoint
-from vlsi.tiny import TinySpec, default_tokenizer, token_ids
+from vlsi.tiny import TinySpec, default_tokenizer, tiny_image_processor, token_ids
 
 SPEC = TinySpec(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864,
                 vision_embed=128, vision_depth=3, vision_heads=4, rope_theta=1_000_000.0, image_size=56)
@@ -30,7 +30,7 @@ def build(seed: int = 0):
     config.text_config.tie_word_embeddings = True
     torch.manual_seed(seed)
     model = ad.model_class()(config).eval()
-    return model, tok, ad.tiny_image_processor(SPEC.image_size)
+    return model, tok, tiny_image_processor("qwen2_vl", SPEC.image_size)  # llama.cpp clip's token bounds
 
 
 def main():

@@ -90,7 +90,8 @@ class Qwen2VLAdapter(Adapter):
     def tiny_image_processor(self, image_size: int):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        # min = max pixels: a square image of this size is never resized.
+        # min = max pixels: a square image of this size is never resized. vlsi.tiny widens the
+        # bounds to llama.cpp clip's fixed ones for the models it builds.
         px = image_size * image_size
         return Qwen2VLImageProcessorPil(size={"shortest_edge": px, "longest_edge": px})
 

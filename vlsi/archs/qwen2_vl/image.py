@@ -48,7 +48,8 @@ class Qwen2VLImageSpec:
 
     ``min_pixels`` / ``max_pixels`` are the ``size.shortest_edge`` / ``size.longest_edge`` of
     the transformers processor (they are pixel counts, not edge lengths, despite the names).
-    The repo's tiny models use ``min_pixels = max_pixels = 84 * 84``.
+    The repo's tiny models use llama.cpp clip's bounds, 8 to 4096 merged tokens
+    (``vlsi.tiny.tiny_image_processor``), so a 56 px square becomes 84 px.
     """
 
     patch_size: int = 14
