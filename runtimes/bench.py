@@ -98,9 +98,9 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
     row = {"path": path, "backend": rt.name, "ttft_s": statistics.median(ttft), "decode_tok_s": statistics.median(tps),
            "vision_s": statistics.median(vis[1:]) if len(vis) > 1 else None, "peak_rss_mb": peak_rss_mb()}
     if rt.name == "gguf":
-        from .llama_backend import _cpu_has_amx
+        from .llama_backend import cpu_has_amx
 
-        if _cpu_has_amx() and rt.manifest.precision not in ("f32", "f16", "bf16"):
+        if cpu_has_amx() and rt.manifest.precision not in ("f32", "f16", "bf16"):
             # llama-cpp-python's Llama segfaults on its first decode of a quantised file there
             row["engine_reference_skipped"] = "CPU with AMX: llama-cpp-python's Llama crashes on quantised types"
         else:

@@ -17,6 +17,7 @@ when a verbalizer's logits are actually read.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 from pathlib import Path
@@ -120,8 +121,12 @@ class _Chunks:
             pass
 
 
-def _cpu_has_amx() -> bool:
-    """Whether this CPU has AMX (Linux /proc/cpuinfo flags); False where that cannot be read."""
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX (Linux /proc/cpuinfo flags); False where that cannot be read.
+    There, llama.cpp built for the host puts weights in its AMX / repacked buffer types and
+    its first ``llama_decode`` of a q8_0 file segfaults (llama-cpp-python 0.3.36 on a Xeon
+    with amx_int8, its own ``Llama`` too; f32 and f16 files decode)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -169,12 +174,8 @@ class LlamaCppRuntime(Runtime):
 
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = gpu_layers  # no effect in a CPU build; all layers on a GPU build (Jetson)
-        if _cpu_has_amx():
-            # llama.cpp built with GGML_NATIVE on a CPU with AMX places weights in its extra
-            # (AMX / repacked) buffer types, and its first llama_decode of a q8_0 file then
-            # segfaults, with llama-cpp-python's own Llama too (0.3.36 on a Xeon with amx_int8;
-            # f32 decodes). Plain CPU buffers decode correctly.
-            mp.use_extra_bufts = False
+        if cpu_has_amx():
+            mp.use_extra_bufts = False  # plain CPU buffers decode correctly there
         self.model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
         if not self.model:
             raise ArtifactError(f"llama.cpp could not load {text} (truncated or not a GGUF text model); "

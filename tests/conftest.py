@@ -78,3 +78,17 @@ def train_briefly(arch: str, synth_data, root, size: str = "student"):
     train(cfg(stage="verbalize", model=str(root / "s"), out=str(root / "sv"), steps=120,
               **{"verbalizer.target_layers": "1::2"}))
     return root / "sv"
+
+
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+"""Environment of a training subprocess: one thread per process, nothing fetched."""
+
+
+def torchrun_train(nproc: int, args: list[str]):
+    """``vlsi train run ARGS`` under PyTorch's own launcher with ``nproc`` processes."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "vlsi_cli", "train", "run", *args]
+    return subprocess.run(cmd, env=TRAIN_ENV, capture_output=True, text=True, timeout=900)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -202,30 +201,23 @@ def test_out_of_memory_names_the_knobs(pair, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-def _verbalizer_tensors(folder) -> dict:
-    return {k: v for f in Path(folder).glob("*.safetensors") for k, v in load_file(str(f)).items()
-            if "verbalizer" in k or f.name.startswith("verbalizer")}
-
-
 @pytest.mark.slow
 def test_final_layer_kd_under_torchrun_leaves_the_student_heads_alone(pair, tmp_path):
     """interact with intermediate_op=none (final-layer KD) neither computes nor trains the
     student's verbalizers: under DDP with two processes it runs (unused parameters used to stop
     it at the second step) and the heads come out unchanged."""
-    import os
-    import subprocess
-    import sys
+    from vlsi.checkpoint import VERBALIZERS_FILE
+
+    from .conftest import torchrun_train
 
     root, data = pair
     out = tmp_path / "flkd"
     args = ["stage=interact", f"model={root / 'sv'}", f"teacher={root / 'tv'}", f"data={data}", f"out={out}",
             "steps=6", "batch_size=4", "log_every=1", "progress=false", "threads=1", "interact.intermediate_op=none",
             "interact.last_op=kld"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "vlsi_cli", "train", "run", *args], env=env, capture_output=True, text=True, timeout=900)
+    res = torchrun_train(2, args)
     assert res.returncode == 0, res.stderr[-3000:]
-    before, after = _verbalizer_tensors(root / "sv"), _verbalizer_tensors(out)
+    before, after = (load_file(str(d / VERBALIZERS_FILE)) for d in (root / "sv", out))
     assert before and before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k

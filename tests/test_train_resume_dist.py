@@ -4,7 +4,6 @@ the same loss trajectory as one process with the same global batch."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+from .conftest import TRAIN_ENV as ENV
+from .conftest import torchrun_train as _torchrun
 
 
 def _args(data, out, **kw):
@@ -79,12 +79,6 @@ def test_resume_with_a_changed_config_is_refused(synth_data, tmp_path):
     assert (state / "progress.json").is_file()
     with pytest.raises(ConfigError, match="config changed in optim"):
         train(load_config(TrainConfig, None, _args(data, out, steps=2, save_every=1, **{"optim.lr": 0.5})), resume=True)
-
-
-def _torchrun(nproc, args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "vlsi_cli", "train", "run", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow

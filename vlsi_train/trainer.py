@@ -94,13 +94,10 @@ class Trainer:
             self.teacher.model.eval().requires_grad_(False)
             self.teacher.verbalizers.eval().requires_grad_(False)
         verb = self.student.verbalizers
-        # the student's heads feed a loss only in verbalize and in an interaction with a layer-wise
-        # term; final-layer KD (intermediate_op none) neither computes nor trains them
-        self._student_heads_used = stage == "verbalize" or (stage == "interact" and cfg.interact.intermediate_op != "none")
         # what trains in each stage
         model.requires_grad_(stage in ("pretrain", "sft") or (stage == "interact" and not cfg.lora.enabled))
         if verb is not None:
-            verb.requires_grad_(stage == "verbalize" or (stage == "interact" and self._student_heads_used
+            verb.requires_grad_(stage == "verbalize" or (stage == "interact" and self._student_heads_in_loss
                                                          and cfg.interact.train_student_verbalizers))
         self.peft = None
         if stage == "interact" and cfg.lora.enabled:
@@ -166,6 +163,13 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(module, device_ids=ids, find_unused_parameters=False)
 
+    @property
+    def _student_heads_in_loss(self) -> bool:
+        """The student's heads feed a loss only in verbalize and in an interaction with a
+        layer-wise term; final-layer KD (intermediate_op none) neither computes nor trains them."""
+        cfg = self.cfg
+        return cfg.stage == "verbalize" or (cfg.stage == "interact" and cfg.interact.intermediate_op != "none")
+
     # ------------------------------------------------------------------ batches
     def _encoded(self, enc, key, idx):
         k = (key, idx)
@@ -193,7 +197,7 @@ class Trainer:
         logs = {}
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and cfg.bf16)
         with amp:
-            final, vl = self.wrapped(batch, sel, self._student_heads_used)
+            final, vl = self.wrapped(batch, sel, self._student_heads_in_loss)
             if stage in ("pretrain", "sft"):
                 total = nn.functional.cross_entropy(final.float(), targets, reduction="sum")
                 logs["loss"] = total.item()
