@@ -49,13 +49,13 @@ SIZES: dict[str, TinySpec] = {
                         vision_embed=64, vision_depth=3, vision_heads=2),
     "k256": TinySpec(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768,
                      vision_embed=64, vision_depth=3, vision_heads=2),
-    # The quickstart's pair: 56 px images on a 2x2 grid (one merged image token per cell), a
+    # The quickstart's pair: 84 px images on a 3x3 grid (one merged image token per cell), a
     # small rope theta so positions are visible at head_dim 32, and a student with a much
     # weaker vision tower (the perception gap distillation has to close).
     "qs_teacher": TinySpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
-                           vision_embed=64, vision_depth=3, vision_heads=2, rope_theta=10.0, image_size=56),
+                           vision_embed=64, vision_depth=3, vision_heads=2, rope_theta=10.0, image_size=84),
     "qs_student": TinySpec(hidden=64, layers=4, heads=2, kv_heads=1, intermediate=128,
-                           vision_embed=16, vision_depth=3, vision_heads=1, rope_theta=10.0, image_size=56),
+                           vision_embed=16, vision_depth=3, vision_heads=1, rope_theta=10.0, image_size=84),
 }
 
 
