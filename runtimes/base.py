@@ -22,7 +22,7 @@ prefill the rest of ``prompt``); the entry is dropped on any mismatch or error, 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +32,34 @@ from vlsi.data.records import Turn
 from vlsi.errors import ConfigError
 
 FINAL = "final"
+
+
+class LayerLogits(Mapping):
+    """Next-token logits by source, as ``_step`` returns them: ``"final"`` (the model's head),
+    computed, and each kept verbalizer layer, computed from its captured hidden state when first
+    read and then kept. Plain decoding reads ``"final"`` only, so no head runs; ``verbalize`` and
+    ``logits`` read the layers they need. Keys and ``in`` never compute anything."""
+
+    def __init__(self, final: np.ndarray, layers, compute):
+        self._values = {FINAL: final}
+        self._layers = tuple(layers)
+        self._compute = compute
+
+    def __getitem__(self, key):
+        if key not in self._values:
+            if key not in self._layers:
+                raise KeyError(key)
+            self._values[key] = self._compute(key)
+        return self._values[key]
+
+    def __contains__(self, key) -> bool:
+        return key == FINAL or key in self._layers
+
+    def __iter__(self):
+        return iter((FINAL, *self._layers))
+
+    def __len__(self) -> int:
+        return 1 + len(self._layers)
 
 
 @dataclass

@@ -2,7 +2,10 @@
 per backend/precision, each in a fresh process, with ratios to PyTorch eager fp32 measured in
 the same run, and the memory-bandwidth roofline beside each decode figure; and the time to first
 token of a follow-up question about an image already seen, with and without prefix reuse,
-alternating in the same process."""
+alternating in the same process. With ``rounds`` > 1 the artifacts are measured in turn, round
+after round (A, B, A, B, ...), each time in a fresh process, and each one's decode rate is also
+given as a ratio to the first artifact's in the same round: on a machine that other jobs load,
+those ratios hold where the absolute figures drift."""
 
 from __future__ import annotations
 
@@ -38,6 +41,23 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5, threads: int = 0) -> float:
     return 2 * a.nbytes / best
 
 
+def _onnx_decoder_files(m, with_heads: bool) -> list[str]:
+    """The decoder graph files of an ONNX manifest: those a decode step runs (segments and LM
+    head, or a format-2 artifact's one graph), and with ``with_heads`` the verbalizer heads too."""
+    split = m.decoder_split
+    if split is None:
+        return [m.graph("decoder").file]
+    names = [s.graph for s in split.segments] + [split.lm_head.graph]
+    if with_heads:
+        names += [h.graph for h in split.verbalizers]
+    return [m.graph(n).file for n in names]
+
+
+def _file_bytes(m, files: list[str]) -> int:
+    """Bytes of ``files`` in manifest ``m``, their external data (``<file>.data``) included."""
+    return sum(e["bytes"] for name, e in m.files.items() if any(name == f or name.startswith(f + ".") for f in files))
+
+
 def weight_bytes(path: Path) -> int:
     """Bytes of weights a decode step reads: the decoder graph(s), or the checkpoint's text weights."""
     from vlsi.manifest import load_manifest
@@ -52,8 +72,9 @@ def weight_bytes(path: Path) -> int:
             if "output.weight" in tensors:  # untied: the embedding is a row lookup
                 tensors.pop("token_embd.weight", None)
             return sum(tensors.values())
-        dec = m.graph("decoder").file
-        return sum(e["bytes"] for name, e in m.files.items() if name.startswith(dec))
+        if m.target == "onnx":
+            return _file_bytes(m, _onnx_decoder_files(m, with_heads=False))
+        return _file_bytes(m, [m.graph("decoder").file])
     from safetensors import safe_open
 
     sizes = {}
@@ -66,6 +87,23 @@ def weight_bytes(path: Path) -> int:
     if any(k.endswith("lm_head.weight") for k in sizes):
         sizes = {k: v for k, v in sizes.items() if "embed_tokens" not in k}
     return sum(sizes.values())
+
+
+def decoder_bytes(path: Path) -> int:
+    """Bytes of the text decoder's files on disk, kept verbalizer heads included (an ONNX
+    artifact's decoder graphs, a GGUF's text model and verbalizer sidecar); the weights a
+    step reads (:func:`weight_bytes`) for anything else."""
+    from vlsi.manifest import load_manifest
+
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        return weight_bytes(path)
+    m = load_manifest(path, verify=False)
+    if m.target == "onnx":
+        return _file_bytes(m, _onnx_decoder_files(m, with_heads=True))
+    if m.target == "gguf":
+        return _file_bytes(m, [m.graph(n).file for n in ("text", "verbalizers") if n in m.graphs])
+    return weight_bytes(path)
 
 
 def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs: int, threads: int,
@@ -119,7 +157,8 @@ def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> 
     image = Image.fromarray((rng.random((image_size, image_size, 3)) * 255).astype("uint8"))
     first = [{"role": "user", "content": [{"type": "image", "image": image},
                                           {"type": "text", "text": "Describe the picture."}]}]
-    said = list(rt.stream_tokens(first, None, answer_tokens, ignore_eos=True, reuse=False))
+    # the first turn as a chat client gets it: the answer ends at the model's end of turn
+    said = list(rt.stream_tokens(first, None, answer_tokens, reuse=False))
     answer = rt.decode(said)
     follow = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "What colour is it?"}]
     prompt = rt.encode(follow)
@@ -130,7 +169,7 @@ def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> 
 
     def ttft(reuse: bool) -> tuple[float, int]:
         if reuse:
-            list(rt.stream_tokens(first, None, answer_tokens, ignore_eos=True, reuse=False))  # the first turn, served
+            list(rt.stream_tokens(first, None, answer_tokens, reuse=False))  # the first turn, served
         else:
             rt.forget()
         stats: dict = {}
@@ -189,24 +228,51 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
     return {"engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps, "x_engine": ours_tps / engine_tps}
 
 
+def _run_one(path: str, backend: str, prompt_tokens, new_tokens, runs, threads, image_size) -> dict:
+    """One measurement in a fresh process."""
+    cmd = [sys.executable, "-m", "vlsi_runtimes.bench", path, backend, str(prompt_tokens), str(new_tokens),
+           str(runs), str(threads), str(image_size)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"bench of {path} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _merge(rounds: list[dict]) -> dict:
+    """One row from an artifact's rounds: medians of the timings, the largest peak RSS."""
+    row = dict(rounds[len(rounds) // 2])
+    for k, v in rounds[0].items():
+        if isinstance(v, float) and k != "peak_rss_mb":
+            row[k] = statistics.median(r[k] for r in rounds)
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    row["rounds_decode_tok_s"] = [r["decode_tok_s"] for r in rounds]
+    return row
+
+
 def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int = 64, runs: int = 5,
-          threads: int = 0, image_size: int = 224) -> list[dict]:
-    """Benchmark the reference checkpoint (PyTorch eager fp32) and every artifact."""
+          threads: int = 0, image_size: int = 224, rounds: int = 1) -> list[dict]:
+    """Benchmark the reference checkpoint (PyTorch eager fp32) and every artifact; ``rounds``
+    times each artifact, alternating (see the module's docstring)."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be >= 1")
     bw = copy_bandwidth(threads=threads)
+    args = (prompt_tokens, new_tokens, runs, threads, image_size)
+    measured = {str(reference): [_run_one(str(reference), "torch", *args)]}
+    for _ in range(rounds):
+        for a in artifacts:
+            measured.setdefault(str(a), []).append(_run_one(str(a), "auto", *args))
     rows = []
-    for path, backend in [(str(reference), "torch"), *[(str(a), "auto") for a in artifacts]]:
-        cmd = [sys.executable, "-m", "vlsi_runtimes.bench", path, backend, str(prompt_tokens), str(new_tokens),
-               str(runs), str(threads), str(image_size)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"bench of {path} failed:\n{res.stderr[-2000:]}")
-        row = json.loads(res.stdout.strip().splitlines()[-1])
+    for path, got in measured.items():
+        row = _merge(got)
         row["weights_mb"] = weight_bytes(Path(path)) / 2**20
+        row["decoder_mb"] = decoder_bytes(Path(path)) / 2**20
         row["roofline_tok_s"] = bw / max(1, weight_bytes(Path(path)))
         if Path(path, "manifest.json").is_file():
             from vlsi.manifest import load_manifest
 
-            row["precision"] = load_manifest(path, verify=False).precision
+            m = load_manifest(path, verify=False)
+            row["precision"] = m.precision
+            row["verbalizers"] = list(m.verbalizers)
         else:
             row["precision"] = "fp32"
         rows.append(row)
@@ -216,17 +282,32 @@ def bench(artifacts: list, reference, prompt_tokens: int = 64, new_tokens: int =
         r["x_ttft_vs_torch"] = base["ttft_s"] / r["ttft_s"]
         r["roofline_frac"] = r["decode_tok_s"] / r["roofline_tok_s"]
         r["copy_bandwidth_gb_s"] = bw / 1e9
+    if len(rows) > 2 and rounds > 1:  # each artifact against the first one, round by round
+        first = rows[1]["rounds_decode_tok_s"]
+        for r in rows[1:]:
+            r["rounds_x_first"] = [a / b for a, b in zip(r["rounds_decode_tok_s"], first)]
+            r["x_first_median"] = statistics.median(r["rounds_x_first"])
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| backend | precision | weights MB | TTFT s | decode tok/s | x PyTorch | roofline tok/s | "
-             "% of roofline | vision s | peak RSS MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| backend | precision | verbalizers | weights MB | decoder files MB | TTFT s | decode tok/s | x PyTorch | "
+             "roofline tok/s | % of roofline | vision s | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         vis = f"{r['vision_s']:.4f}" if r.get("vision_s") is not None else "-"
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['weights_mb']:.1f} | {r['ttft_s']:.4f} | "
-                     f"{r['decode_tok_s']:.1f} | {r['x_decode_vs_torch']:.2f} | {r['roofline_tok_s']:.0f} | "
-                     f"{100 * r['roofline_frac']:.0f}% | {vis} | {r['peak_rss_mb']:.0f} |")
+        verbs = ",".join(map(str, r.get("verbalizers", []))) or "-"
+        lines.append(f"| {r['backend']} | {r['precision']} | {verbs} | {r['weights_mb']:.1f} | {r['decoder_mb']:.1f} | "
+                     f"{r['ttft_s']:.4f} | {r['decode_tok_s']:.1f} | {r['x_decode_vs_torch']:.2f} | "
+                     f"{r['roofline_tok_s']:.0f} | {100 * r['roofline_frac']:.0f}% | {vis} | {r['peak_rss_mb']:.0f} |")
+    alternated = [r for r in rows if "rounds_x_first" in r]
+    if alternated:
+        lines += ["", f"Decode tok/s round by round (artifacts alternating, each in a fresh process), and the ratio to "
+                      f"the first artifact ({alternated[0]['path']}) in the same round:", "",
+                  "| artifact | tok/s per round | x first per round | median x first |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['path']} | {', '.join(f'{v:.1f}' for v in r['rounds_decode_tok_s'])} | "
+                  f"{', '.join(f'{v:.3f}' for v in r['rounds_x_first'])} | {r['x_first_median']:.3f} |"
+                  for r in alternated]
     paired = [r for r in rows if "x_engine" in r]
     if paired:
         lines += ["", "llama.cpp artifacts against llama-cpp-python's own `Llama` on the same file, text prompt, "

@@ -10,8 +10,9 @@ size the model's processor would choose, so llama.cpp's own resize is a copy.
 
 Verbalizers: llama.cpp's eval callback (``cb_eval``) hands over the residual stream after
 the target layers (graph tensors ``l_out-{i}``); the heads from ``verbalizers.gguf`` and the
-model's own output matrix (from the text file, dequantised once) are applied in numpy, only
-when a verbalizer's logits are actually read.
+model's own output matrix are applied in numpy, only when a verbalizer's logits are actually
+read (:class:`OutputMatrix`: nothing is read or allocated for it before then, and plain
+decoding never reads it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from vlsi.manifest import ArtifactError, load_manifest
 
 from vlsi.llama_cpp import quiet_logs
 
-from .base import FINAL, Prompt, Runtime, image_digest
+from .base import LayerLogits, Prompt, Runtime, image_digest
 
 def _ggml():
     """The few ggml functions the eval callback needs, typed."""
@@ -60,10 +61,61 @@ def _gelu(x):
     return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
 
 
-class NumpyVerbalizers:
-    """The heads of ``verbalizers.gguf`` (verb_ffn / ffn / mlp) applied to a hidden vector."""
+class OutputMatrix:
+    """The model's output matrix ``(V, D)`` (tied: the token embedding) from the GGUF text file,
+    for the verbalizer heads, read on the first product and never before.
 
-    def __init__(self, path: Path, output_matrix):
+    An f32 or f16 tensor is used where it lies in the memory-mapped file (pages shared with
+    llama.cpp's own mapping, nothing copied); a quantised one is dequantised once, a block of
+    rows at a time, into an f16 copy (half of f32's 545 MB at the Qwen2-0.5B shape, and no
+    full-size f32 array on the way). Products convert a block of rows at a time to f32 in one
+    reused buffer, so BLAS does the arithmetic."""
+
+    def __init__(self, path: Path, n_vocab: int, n_embd: int, rows_per_block: int = 4096):
+        self.path, self.shape, self.block = Path(path), (n_vocab, n_embd), rows_per_block
+        self.rows: np.ndarray | None = None
+        """``(V, D)`` f32 or f16 once loaded; ``None`` until a verbalizer's logits are first read."""
+        self._buf: np.ndarray | None = None
+
+    def load(self) -> np.ndarray:
+        if self.rows is None:
+            import gguf
+            from gguf.quants import dequantize
+
+            r = gguf.GGUFReader(str(self.path))  # memory-mapped
+            by = {t.name: t for t in r.tensors}
+            t = by.get("output.weight") or by["token_embd.weight"]
+            kind = gguf.GGMLQuantizationType
+            if t.tensor_type in (kind.F32, kind.F16):
+                self.rows = np.asarray(t.data).reshape(self.shape)
+            else:
+                data = t.data.reshape(self.shape[0], -1)  # one row of quantised blocks per vocabulary entry
+                rows = np.empty(self.shape, np.float16)
+                for lo in range(0, self.shape[0], self.block):
+                    rows[lo:lo + self.block] = dequantize(data[lo:lo + self.block], t.tensor_type)
+                self.rows = rows
+        return self.rows
+
+    def __matmul__(self, h: np.ndarray) -> np.ndarray:
+        """``W @ h`` for an f32 vector ``h (D,)`` -> ``(V,)`` f32."""
+        rows = self.load()
+        if rows.dtype == np.float32:
+            return rows @ h
+        if self._buf is None:
+            self._buf = np.empty((self.block, self.shape[1]), np.float32)
+        out = np.empty(self.shape[0], np.float32)
+        for lo in range(0, self.shape[0], self.block):
+            part = rows[lo:lo + self.block]
+            buf = self._buf[:len(part)]
+            np.copyto(buf, part)
+            np.matmul(buf, h, out=out[lo:lo + len(part)])
+        return out
+
+
+class NumpyVerbalizers:
+    """The heads of ``verbalizers.gguf`` (verb_ffn / ffn / mlp, at either size) applied to a hidden vector."""
+
+    def __init__(self, path: Path, output_matrix: OutputMatrix):
         import gguf
 
         r = gguf.GGUFReader(str(path))
@@ -72,13 +124,15 @@ class NumpyVerbalizers:
         self.w = {t.name: np.asarray(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
                   for t in r.tensors}
         self.layers = tuple(int(k) for k in self.cfg["target_layers"])
-        self._output = output_matrix  # a callable returning the (V, D) matrix, loaded on first use
+        self.output = output_matrix  # loaded on its first product
 
     def hidden(self, layer: int, h: np.ndarray) -> np.ndarray:
         p = f"heads.{layer}."
         for b in range(int(self.cfg["depth"])):
             q = f"{p}blocks.{b}."
-            if self.cfg["arch"] == "mlp":
+            if self.cfg["arch"] == "mlp" and q + "fc.weight" in self.w:  # the paper's size: x + gelu(W x)
+                h = h + _gelu(h @ self.w[q + "fc.weight"].T)
+            elif self.cfg["arch"] == "mlp":  # sizes="legacy": two projections
                 x = h @ self.w[q + "fc1.weight"].T + self.w[q + "fc1.bias"]
                 h = h + _gelu(x) @ self.w[q + "fc2.weight"].T + self.w[q + "fc2.bias"]
             else:
@@ -87,21 +141,7 @@ class NumpyVerbalizers:
         return _rms_norm(h, self.w[p + "norm.weight"], self.eps[layer])
 
     def logits(self, layer: int, h: np.ndarray) -> np.ndarray:
-        return self._output() @ self.hidden(layer, h.astype(np.float32))
-
-
-class _Logits(dict):
-    """The final head's logits; a verbalizer layer's logits are computed when first read."""
-
-    def __init__(self, final, hidden: dict, verbalizers):
-        super().__init__({FINAL: final})
-        self._hidden, self._verb = hidden, verbalizers
-
-    def __missing__(self, layer):
-        if layer not in self._hidden:
-            raise KeyError(layer)
-        self[layer] = v = self._verb.logits(layer, self._hidden[layer])
-        return v
+        return self.output @ self.hidden(layer, h.astype(np.float32))
 
 
 class _Chunks:
@@ -196,7 +236,8 @@ class LlamaCppRuntime(Runtime):
             raise ArtifactError(f"kv_type {kv_type!r} must be f32 or f16")
         cp.type_k = cp.type_v = llama_cpp.GGML_TYPE_F32 if kv_type == "f32" else llama_cpp.GGML_TYPE_F16
         if self.verbalizer_layers:
-            self._verb = NumpyVerbalizers(self.folder / man.graph("verbalizers").file, self._output_matrix)
+            self.output_matrix = OutputMatrix(text, self.n_vocab, self.n_embd)
+            self._verb = NumpyVerbalizers(self.folder / man.graph("verbalizers").file, self.output_matrix)
             self._want = {f"l_out-{k - 1}".encode(): k for k in self.verbalizer_layers}
             self._g = _ggml()
             self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)
@@ -228,7 +269,6 @@ class LlamaCppRuntime(Runtime):
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self._batch = llama_cpp.llama_batch_init(1, 0, 1)
         self._text_batch = None  # n_batch tokens, made when a reused prefix ends inside text
-        self._output = None
 
     def close(self):
         ll, mt = self._ll, self._mtmd
@@ -265,18 +305,6 @@ class LlamaCppRuntime(Runtime):
             self._g.ggml_backend_tensor_get(t, buf.ctypes.data, 0, n)
             self._hidden[layer] = buf.reshape(-1, self.n_embd)[-1].copy()
         return True
-
-    def _output_matrix(self) -> np.ndarray:
-        """The model's output matrix (V, D) in f32, from the text file (tied: the embedding)."""
-        if self._output is None:
-            import gguf
-            from gguf.quants import dequantize
-
-            r = gguf.GGUFReader(str(self.folder / self.manifest.graph("text").file))
-            by = {t.name: t for t in r.tensors}
-            t = by.get("output.weight") or by["token_embd.weight"]
-            self._output = dequantize(t.data, t.tensor_type).reshape(self.n_vocab, self.n_embd).astype(np.float32)
-        return self._output
 
     # ------------------------------------------------------------------ pieces
     def chat_text(self, turns, images: int | None = None) -> str:
@@ -355,10 +383,11 @@ class LlamaCppRuntime(Runtime):
                 return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
         raise ArtifactError("no image chunk in the prompt")
 
-    def _logits(self) -> _Logits:
+    def _logits(self) -> LayerLogits:
         ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
         final = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-        return _Logits(final, dict(self._hidden), getattr(self, "_verb", None))
+        hidden = dict(self._hidden)
+        return LayerLogits(final, self.verbalizer_layers, lambda k: self._verb.logits(k, hidden[k]))
 
     def _prefill(self, prompt: Prompt):
         ll = self._ll
@@ -375,7 +404,7 @@ class LlamaCppRuntime(Runtime):
         state = {"n_past": at, "prompt": prompt}
         return state, self._eval_from(state, prompt, n)
 
-    def _eval_from(self, state, prompt: Prompt, start: int) -> _Logits:
+    def _eval_from(self, state, prompt: Prompt, start: int) -> LayerLogits:
         """Evaluate ``prompt`` from token ``start`` (a chunk boundary or inside a text chunk)."""
         ll, mt = self._ll, self._mtmd
         self._hidden.clear()

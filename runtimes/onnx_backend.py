@@ -4,6 +4,11 @@ nor transformers: an edge install is ``tokenizers`` + numpy + Pillow + onnxrunti
 Everything architecture-specific (image marker, preprocessing, the vision graph's inputs,
 position ids) comes from the architecture's torch-free spec, named by the manifest; graph
 inputs and outputs are fed and read by the names the manifest lists.
+
+The decoder is the chain of segments the manifest's ``decoder_split`` lists, then the LM head
+on the last position; each segment's hidden state at a kept verbalizer layer is captured, and
+that verbalizer's head graph (and the LM head) runs on it only when its logits are read. An
+artifact of format 2 (one ``decoder`` graph returning every head's logits) still runs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from vlsi.archs import get_spec
 from vlsi.manifest import ArtifactError, load_manifest
 
-from .base import FINAL, SpecRuntime
+from .base import LayerLogits, SpecRuntime
 
 
 def default_providers() -> list[str]:
@@ -47,18 +52,54 @@ class OnnxRuntime(SpecRuntime):
         self.verbalizer_layers = tuple(m.verbalizers)
         self.eos_ids = tuple(m.eos_token_ids)
         self.tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        opts = ort.SessionOptions()
+        self._options = opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         self.providers = providers or default_providers()
-        self.graphs = {name: m.graph(name) for name in ("vision", "embed", "decoder")}
-        self.sessions = {name: ort.InferenceSession(str(self.folder / g.file), opts, providers=self.providers)
-                         for name, g in self.graphs.items()}
-        outs = set(self.graphs["decoder"].outputs)
-        want = {"logits", *(f"verbalizer_logits_{k}" for k in self.verbalizer_layers),
-                *(f"present_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value"))}
-        if want - outs:
-            raise ArtifactError(f"{self.folder}: decoder.onnx lacks outputs {sorted(want - outs)[:4]}; re-export it")
+        self.split = m.decoder_split
+        if self.split is None:  # format 2: one decoder graph that computes every kept head at every step
+            eager, self._heads = ("vision", "embed", "decoder"), {}
+        else:
+            eager = ("vision", "embed", *(s.graph for s in self.split.segments), self.split.lm_head.graph)
+            self._heads = {h.layer: h for h in self.split.verbalizers}
+        self.graphs = {name: m.graph(name) for name in (*eager, *(h.graph for h in self._heads.values()))}
+        self.sessions = {name: self._open(name) for name in eager}  # head graphs open when first asked for
+        self._check_decoder()
+
+    def _open(self, name: str):
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(self.folder / self.graphs[name].file), self._options, providers=self.providers)
+
+    def _check_decoder(self) -> None:
+        """The decoder graphs chain up and serve every kept verbalizer, or the artifact is refused."""
+        where = f"{self.folder}: "
+        if self.split is None:
+            outs = set(self.graphs["decoder"].outputs)
+            want = {"logits", *(f"verbalizer_logits_{k}" for k in self.verbalizer_layers),
+                    *(f"present_{kind}_{i}" for i in range(self.n_layers) for kind in ("key", "value"))}
+            if want - outs:
+                raise ArtifactError(f"{where}decoder.onnx lacks outputs {sorted(want - outs)[:4]}; re-export it")
+            return
+        fix = "; re-export it (`vlsi export --target onnx ...`)"
+        at, hidden = 1, "inputs_embeds"
+        for seg in self.split.segments:
+            g = self.graphs[seg.graph]
+            if seg.first_layer != at or seg.last_layer < seg.first_layer or seg.hidden_in != hidden:
+                raise ArtifactError(f"{where}decoder segment {seg.graph} (layers {seg.first_layer}..{seg.last_layer}, "
+                                    f"from {seg.hidden_in}) does not continue the one before it{fix}")
+            past = [f"past_{kind}_{i}" for i in range(seg.first_layer - 1, seg.last_layer) for kind in ("key", "value")]
+            lacking = [n for n in (seg.hidden_in, *past) if n not in g.inputs]
+            lacking += [n for n in (seg.hidden_out, *(p.replace("past_", "present_") for p in past)) if n not in g.outputs]
+            if lacking:
+                raise ArtifactError(f"{where}{g.file} lacks {lacking[:4]}{fix}")
+            at, hidden = seg.last_layer + 1, seg.hidden_out
+        if at != self.n_layers + 1:
+            raise ArtifactError(f"{where}the decoder segments end at layer {at - 1} of {self.n_layers}{fix}")
+        ends = {s.last_layer for s in self.split.segments}
+        missing = [k for k in self.verbalizer_layers if k not in self._heads or k not in ends]
+        if missing:
+            raise ArtifactError(f"{where}verbalizer layers {missing} have no head graph or no segment ending there{fix}")
 
     # ------------------------------------------------------------------ pieces
     def _run_graph(self, name: str, feeds: dict) -> dict[str, np.ndarray]:
@@ -68,24 +109,56 @@ class OnnxRuntime(SpecRuntime):
         if missing:
             raise ArtifactError(f"{name}.onnx takes inputs {missing} that {self.spec.name}'s spec did not make; "
                                 "the artifact and this vlsi disagree: re-export it")
-        return dict(zip(g.outputs, self.sessions[name].run(g.outputs, {n: feeds[n] for n in g.inputs})))
+        session = self.sessions.get(name)
+        if session is None:
+            session = self.sessions[name] = self._open(name)
+        return dict(zip(g.outputs, session.run(g.outputs, {n: feeds[n] for n in g.inputs})))
 
     def _vision(self, vision) -> np.ndarray:
         return self._run_graph("vision", vision.feeds)["image_embeds"]
 
     def _forward(self, state, embeds, positions):
-        feed = {"inputs_embeds": embeds.astype(np.float32, copy=False),
-                "attention_mask": np.ones((1, state["length"] + embeds.shape[1]), np.int64),
-                "position_ids": positions}
+        embeds = embeds.astype(np.float32, copy=False)
+        mask = np.ones((1, state["length"] + embeds.shape[1]), np.int64)
+        if self.split is None:
+            return self._forward_one_graph(state, embeds, mask, positions)
+        past, captured = list(state["past"]), {}
+        h = embeds
+        for seg in self.split.segments:
+            feed = {seg.hidden_in: h, "attention_mask": mask, "position_ids": positions}
+            layers = range(seg.first_layer - 1, seg.last_layer)
+            for i in layers:
+                feed[f"past_key_{i}"], feed[f"past_value_{i}"] = past[i]
+            outs = self._run_graph(seg.graph, feed)
+            for i in layers:
+                past[i] = (outs[f"present_key_{i}"], outs[f"present_value_{i}"])
+            h = outs[seg.hidden_out]
+            if seg.last_layer in self._heads:
+                captured[seg.last_layer] = np.ascontiguousarray(h[:, -1:])
+        state["past"] = past
+        state["length"] += embeds.shape[1]
+        final = self._lm_head(np.ascontiguousarray(h[:, -1:]))
+        return LayerLogits(final, self.verbalizer_layers, lambda k: self._verbalizer(k, captured[k]))
+
+    def _lm_head(self, normed: np.ndarray) -> np.ndarray:
+        """``(1, T, D)`` states after a final or verbalizer norm -> the last one's ``(V,)`` logits."""
+        head = self.split.lm_head
+        return self._run_graph(head.graph, {head.input: normed})[head.output][0, -1]
+
+    def _verbalizer(self, layer: int, hidden: np.ndarray) -> np.ndarray:
+        """Verbalizer ``layer``'s logits from the hidden state captured after that layer."""
+        head = self._heads[layer]
+        return self._lm_head(self._run_graph(head.graph, {head.input: hidden})[head.output])
+
+    def _forward_one_graph(self, state, embeds, mask, positions):
+        """A format-2 artifact's single decoder graph (every kept head computed at every step)."""
+        feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         for i in range(self.n_layers):
             feed[f"past_key_{i}"], feed[f"past_value_{i}"] = state["past"][i]
         outs = self._run_graph("decoder", feed)
         state["past"] = [(outs[f"present_key_{i}"], outs[f"present_value_{i}"]) for i in range(self.n_layers)]
         state["length"] += embeds.shape[1]
-        res = {FINAL: outs["logits"][0]}
-        for layer in self.verbalizer_layers:
-            res[layer] = outs[f"verbalizer_logits_{layer}"][0]
-        return res
+        return LayerLogits(outs["logits"][0], self.verbalizer_layers, lambda k: outs[f"verbalizer_logits_{k}"][0])
 
     def _embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         return np.array(self._run_graph("embed", {"input_ids": ids})["inputs_embeds"], np.float32)

@@ -102,19 +102,19 @@ def trace_cache(tmp_path_factory):
 def traced_once(trace_cache, monkeypatch):
     """Within the precision sweep, trace each (checkpoint, verbalizers kept) once.
 
-    The three fp32 graphs an export quantises depend only on the checkpoint and on whether
-    the verbalizers are kept (``--quant`` is applied to them afterwards), and tracing them is
+    The fp32 graphs an export quantises depend only on the checkpoint, on whether the
+    verbalizers are kept and on where the decoder is split (``--quant`` is applied to them afterwards), and tracing them is
     15-30 s of each export on 2 cores. Later exports of the same checkpoint get the first one's
     fp32 graphs; quantisation, the I/O check, the manifest and the parity gate all run."""
     from vlsi.archs.onnx import OnnxGraphs
 
     original = OnnxGraphs.export
 
-    def export(self, ck, verbalizers, folder, model_block):
-        key = (str(Path(ck.path).resolve()), verbalizers is not None, type(self).__name__)
+    def export(self, ck, verbalizers, folder, model_block, split_layers=()):
+        key = (str(Path(ck.path).resolve()), verbalizers is not None, tuple(split_layers), type(self).__name__)
         graphs = trace_cache["graphs"]
         if key not in graphs:
-            io_names = original(self, ck, verbalizers, folder, model_block)
+            io_names = original(self, ck, verbalizers, folder, model_block, split_layers)
             keep = trace_cache["root"] / str(len(graphs))
             shutil.copytree(folder, keep)
             graphs[key] = (keep, io_names)
@@ -150,16 +150,25 @@ def test_fp32_export_manifest_and_parity(artifact, arch, ckpt, parity_table):
     assert m.verbalizers == list(LAYERS)
     axes = POSITION_AXES[arch]
     assert m.model["position_axes"] == axes
-    vision, embed, dec = m.graph("vision"), m.graph("embed"), m.graph("decoder")
+    vision, embed = m.graph("vision"), m.graph("embed")
     assert vision.inputs == VISION_INPUTS[arch] and vision.outputs == ["image_embeds"]
     assert embed.inputs == ["input_ids"] and embed.outputs == ["inputs_embeds"]
     n = m.model["num_layers"]
-    assert dec.inputs == ["inputs_embeds", "attention_mask", "position_ids",
-                          *[f"past_{kind}_{i}" for i in range(n) for kind in ("key", "value")]]
-    assert dec.outputs == ["logits", *[f"verbalizer_logits_{k}" for k in LAYERS],
-                           *[f"present_{kind}_{i}" for i in range(n) for kind in ("key", "value")]]
-    shapes = {v["name"]: v["shape"] for v in dec.details["inputs"]}
-    assert shapes["position_ids"][0] == axes  # the position axis is fixed in the graph, not dynamic
+    split = m.decoder_split  # cut after every kept verbalizer layer: 1 | 2-3 | 4-5 | 6
+    assert [(s.first_layer, s.last_layer) for s in split.segments] == [(1, 1), (2, 3), (4, 5), (6, n)]
+    hidden = ["inputs_embeds", *[f"hidden_{k}" for k in LAYERS], "final_hidden"]
+    for s, hin, hout in zip(split.segments, hidden, hidden[1:]):
+        dec = m.graph(s.graph)
+        layers = range(s.first_layer - 1, s.last_layer)
+        assert (s.hidden_in, s.hidden_out) == (hin, hout)
+        assert dec.inputs == [hin, "attention_mask", "position_ids",
+                              *[f"past_{kind}_{i}" for i in layers for kind in ("key", "value")]]
+        assert dec.outputs == [hout, *[f"present_{kind}_{i}" for i in layers for kind in ("key", "value")]]
+        shapes = {v["name"]: v["shape"] for v in dec.details["inputs"]}
+        assert shapes["position_ids"][0] == axes  # the position axis is fixed in the graph, not dynamic
+    assert m.graph(split.lm_head.graph).outputs == ["logits"]
+    assert [(h.layer, m.graph(h.graph).inputs, m.graph(h.graph).outputs) for h in split.verbalizers] == [
+        (k, [f"hidden_{k}"], [f"verbalizer_hidden_{k}"]) for k in LAYERS]
     metrics = m.parity["metrics"]
     assert m.parity["passed"] and metrics["greedy_match"] == metrics["top1"] == metrics["verbalizer_top1"] == 1.0
     assert metrics["logits_max_abs"] <= 1e-4 and metrics["vision_max_abs"] <= 1e-4
@@ -172,7 +181,8 @@ def test_every_precision_passes_the_parity_gate(trained, arch, quant, traced_onc
     """The decoder at each precision (vision stays fp32), verbalizers kept, through the gate."""
     out = get_target("onnx")(trained, tmp_path / quant, quant=quant, verbalizers=True, parity_samples=8)
     m = load_manifest(out)
-    assert m.arch == arch and m.precision == m.graph("decoder").precision == quant
+    decoder = [g for name, g in m.graphs.items() if name not in ("vision", "embed")]
+    assert m.arch == arch and m.precision == quant and {g.precision for g in decoder} == {quant}
     assert m.graph("vision").precision == "fp32" and m.verbalizers == list(LAYERS)
     assert m.parity["passed"], m.parity
     metrics = m.parity["metrics"]

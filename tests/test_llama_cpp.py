@@ -325,10 +325,12 @@ def test_served_on_the_gguf_backend(f32, tmp_path):
         stop_server(proc)
 
 
-@pytest.mark.parametrize("arch", ["verb_ffn", "ffn", "mlp", "decoder_block"])
-def test_verbalizer_sidecar_heads_match_torch(arch, tmp_path):
+@pytest.mark.parametrize("arch,sizes", [("verb_ffn", "paper"), ("ffn", "paper"), ("ffn", "legacy"),
+                                        ("mlp", "paper"), ("mlp", "legacy"), ("decoder_block", "legacy")])
+def test_verbalizer_sidecar_heads_match_torch(arch, sizes, tmp_path):
     """The numpy heads the llama.cpp backend applies equal the torch heads, for every variant
-    the sidecar takes; decoder-block heads (attention over the sequence) are refused."""
+    the sidecar takes at both sizes (the paper's and the legacy stand-ins old checkpoints hold);
+    decoder-block heads (attention over the sequence) are refused."""
     import types
 
     import torch
@@ -338,7 +340,8 @@ def test_verbalizer_sidecar_heads_match_torch(arch, tmp_path):
     from vlsi_export.gguf_target import write_verbalizers_gguf
 
     torch.manual_seed(0)
-    v = Verbalizers(VerbalizerConfig(target_layers=(1, 3), arch=arch, depth=2, ffn_mult=2), 32, 4, 1e-6)
+    cfg = VerbalizerConfig(target_layers=(1, 3), arch=arch, depth=2, ffn_mult=2, sizes=sizes)
+    v = Verbalizers(cfg, 32, 4, 1e-6, intermediate_size=48)
     with torch.no_grad():
         for p in v.parameters():
             p.normal_(0, 0.2)
@@ -349,9 +352,44 @@ def test_verbalizer_sidecar_heads_match_torch(arch, tmp_path):
         return
     assert write_verbalizers_gguf(ck, tmp_path / "v.gguf") == [1, 3]
     out = torch.randn(50, 32)
-    heads = NumpyVerbalizers(tmp_path / "v.gguf", lambda: out.numpy())
+    heads = NumpyVerbalizers(tmp_path / "v.gguf", out.numpy())  # anything with W @ h: an array, an OutputMatrix
     h = torch.randn(32)
     for layer in (1, 3):
         with torch.no_grad():
             want = out @ v.heads[str(layer)](h[None, None])[0, 0]
         np.testing.assert_allclose(heads.logits(layer, h.numpy()), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_plain_decoding_never_reads_the_output_matrix(f32):
+    """With verbalizers kept, generate() leaves the output matrix unread (nothing allocated for it);
+    the first verbalization reads it, and from an f32 file without a copy (the file's mapped pages)."""
+    rt = vlsi_runtimes.load(f32)
+    assert rt.verbalizer_layers == (1, 3, 5) and rt.output_matrix.rows is None
+    rt.generate([_img(0)], "describe", max_new_tokens=6)
+    logits = rt.logits([_img(0)], "describe")[0]
+    assert set(logits) == {"final", 1, 3, 5} and rt.output_matrix.rows is None  # keys compute nothing
+    rt.verbalize([_img(0)], "describe", 2, final=False)
+    rows = rt.output_matrix.rows
+    assert rows is not None and rows.dtype == np.float32 and not rows.flags.owndata
+
+
+def test_a_quantised_output_matrix_is_kept_in_f16_and_multiplied_in_blocks(tmp_path):
+    from gguf.quants import dequantize, quantize
+
+    from vlsi_runtimes.llama_backend import OutputMatrix
+
+    rng = np.random.default_rng(0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    q = quantize(rng.standard_normal((1000, 64)).astype(np.float32), q8)
+    w = gguf.GGUFWriter(str(tmp_path / "o.gguf"), "qwen2")
+    w.add_tensor("output.weight", q, raw_dtype=q8)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = OutputMatrix(tmp_path / "o.gguf", 1000, 64, rows_per_block=300)  # blocks that do not divide the rows
+    h = rng.standard_normal(64).astype(np.float32)
+    want = dequantize(q, q8) @ h
+    got = out @ h
+    assert out.rows.dtype == np.float16 and got.dtype == np.float32 and got.shape == (1000,)
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()  # f16 rounding of the dequantised weights

@@ -3,8 +3,9 @@
 ``manifest.json`` is a :class:`Manifest`: the target, the text model's precision (top level,
 for every target), the model block (the architecture's spec writes it, runtimes read it
 back), the end-of-turn ids, every graph or file with its precision and input/output names
-(runtimes read graph outputs by these names, never by position), the verbalizers kept, the
-source checkpoint's hash, tool versions, the parity report and every file with its sha256.
+(runtimes read graph outputs by these names, never by position), the verbalizers kept, how an
+ONNX decoder is split into graphs (:class:`DecoderSplit`), the source checkpoint's hash, tool
+versions, the parity report and every file with its sha256.
 :func:`load_manifest` checks the format version and, with ``verify``, that every listed file
 exists with its recorded size and hash. Torch-free.
 """
@@ -19,9 +20,13 @@ from pathlib import Path
 from .errors import VLsIError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
-"""2: typed manifest (top-level precision, ``graphs`` for every target, I/O names). Version 1
-artifacts (vlsi 0.1 before the architecture packages) must be exported again."""
+FORMAT_VERSION = 3
+"""2: typed manifest (top-level precision, ``graphs`` for every target, I/O names). 3: ONNX
+decoders split at layer boundaries (``decoder_split``), heads as separate graphs. Version 2
+artifacts are still read (an ONNX one has one ``decoder`` graph computing every kept head on
+every step); version 1 artifacts (vlsi 0.1 before the architecture packages) must be exported
+again."""
+OLDEST_READ = 2
 
 
 class ArtifactError(VLsIError):
@@ -93,6 +98,59 @@ class Graph:
 
 
 @dataclass
+class Segment:
+    """Consecutive decoder layers in one graph, with their KV cache."""
+
+    graph: str
+    """Key of the graph in :attr:`Manifest.graphs`."""
+    first_layer: int
+    """First layer it runs (1-based)."""
+    last_layer: int
+    """Last layer it runs (1-based, inclusive)."""
+    hidden_in: str
+    """Input name of the hidden state it starts from: ``inputs_embeds`` for the first segment,
+    else the previous segment's ``hidden_out``."""
+    hidden_out: str
+    """Output name of the state after ``last_layer`` (``hidden_<layer>``), or for the last
+    segment, ``final_hidden``: after the final norm, what the LM head reads."""
+
+
+@dataclass
+class Head:
+    """A head on a hidden state: the model's LM head, or a verbalizer's own part (its FFN and norm)."""
+
+    graph: str
+    """Key of the graph in :attr:`Manifest.graphs`."""
+    input: str
+    output: str
+    layer: int | None = None
+    """The decoder layer whose output a verbalizer reads (``None`` for the LM head)."""
+
+
+@dataclass
+class DecoderSplit:
+    """An ONNX decoder as graphs, no weight in two of them: segments chained by their hidden
+    states (plain decoding runs these and the LM head, nothing else), the LM head once, and one
+    graph per kept verbalizer mapping the captured state of its layer to what the LM head reads,
+    run only when that layer's logits are asked for. Every graph takes ``(B, T, ...)`` and
+    returns a row per position given."""
+
+    segments: list[Segment]
+    lm_head: Head
+    verbalizers: list[Head] = field(default_factory=list)
+
+    @property
+    def split_layers(self) -> list[int]:
+        """The layers after which a hidden state leaves a graph (every segment's last but the final one)."""
+        return [s.last_layer for s in self.segments[:-1]]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecoderSplit:
+        return cls(segments=[Segment(**s) for s in d["segments"]], lm_head=Head(**d["lm_head"]),
+                   verbalizers=[Head(**h) for h in d.get("verbalizers", [])])
+
+
+@dataclass
 class Manifest:
     target: str
     """onnx, gguf or tensorrt."""
@@ -104,6 +162,9 @@ class Manifest:
     graphs: dict[str, Graph]
     verbalizers: list[int] = field(default_factory=list)
     """Target layers whose verbalizer heads are kept."""
+    decoder_split: DecoderSplit | None = None
+    """ONNX: how the decoder is split into graphs (format 3). ``None``: a GGUF or TensorRT
+    artifact, or an ONNX one of format 2 (one ``decoder`` graph with every head as an output)."""
     quantization: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     tools: dict = field(default_factory=dict)
@@ -137,7 +198,18 @@ class Manifest:
             graphs = {k: Graph(**g) for k, g in d["graphs"].items()}
         except TypeError as e:
             raise ArtifactError(f"{where}: a graph entry is malformed ({e}); re-export the artifact") from None
-        return cls(**{**{k: v for k, v in d.items() if k in known}, "graphs": graphs})
+        split = d.get("decoder_split")
+        if split is not None:
+            try:
+                split = DecoderSplit.from_dict(split)
+            except (TypeError, KeyError) as e:
+                raise ArtifactError(f"{where}: decoder_split is malformed ({e!r}); re-export the artifact") from None
+            named = [s.graph for s in split.segments] + [h.graph for h in (split.lm_head, *split.verbalizers)]
+            unknown = [g for g in named if g not in graphs]
+            if unknown:
+                raise ArtifactError(f"{where}: decoder_split names graphs {unknown} that are not in graphs; "
+                                    "re-export the artifact")
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "graphs": graphs, "decoder_split": split})
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Path:
@@ -162,7 +234,7 @@ def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path} has format_version {version}, newer than this vlsi reads "
                             f"({FORMAT_VERSION}); upgrade vlsi")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READ:
         raise ArtifactError(f"{path} has format_version {version}, from an older vlsi whose manifests runtimes "
                             f"no longer read; export the checkpoint again (`vlsi export ...`)")
     m = Manifest.from_dict(d, str(path))

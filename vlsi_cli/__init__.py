@@ -300,12 +300,15 @@ def build_cmd(artifact, preset, max_context, max_image_tokens, opt_level, worksp
 @click.option("--threads", default=0, show_default=True, help="CPU threads per backend (0: the runtime's default).")
 @click.option("--image-size", default=224, show_default=True,
               help="Side in pixels of the image of the follow-up benchmark (cold vs reused time to first token).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Measure the artifacts this many times, alternating (A, B, A, B, ...), with each one's decode "
+                   "rate as a ratio to the first artifact's in the same round.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
-def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, image_size, out):
+def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, image_size, rounds, out):
     """Time to first token, decode tokens/s, vision latency and peak RSS per artifact vs PyTorch."""
     from vlsi_runtimes.bench import bench, format_rows
 
-    rows = bench(list(artifacts), reference, prompt_tokens, new_tokens, runs, threads, image_size)
+    rows = bench(list(artifacts), reference, prompt_tokens, new_tokens, runs, threads, image_size, rounds)
     click.echo(format_rows(rows))
     if out:
         from vlsi.atomic import atomic_write_text

@@ -31,7 +31,8 @@ def option(default, help: str, choices: tuple | None = None):
 class CommonOptions:
     """Options every target takes."""
 
-    verbalizers: bool = option(False, "Keep the verbalizer heads (onnx: extra decoder outputs; gguf: a "
+    verbalizers: bool = option(False, "Keep the verbalizer heads (onnx: one small graph per head, run only when "
+                                      "a layer's logits are asked for; tensorrt: extra decoder outputs; gguf: a "
                                       "verbalizers.gguf sidecar).")
     overwrite: bool = option(False, "Replace an existing artifact folder.")
     validate: bool = option(True, "Check parity with the checkpoint before the artifact is written "
@@ -60,6 +61,8 @@ class Written:
     graphs: dict
     """Name -> :class:`vlsi.manifest.Graph`."""
     quantization: dict = field(default_factory=dict)
+    decoder_split: object = None
+    """ONNX: the :class:`vlsi.manifest.DecoderSplit` of the decoder graphs written."""
 
 
 class Target:
@@ -151,7 +154,7 @@ def export(model, out, target: str = "onnx", **options) -> Path:
             target=tgt.name, precision=written.precision, model=model_block,
             eos_token_ids=spec.eos_ids(ck.tokenizer), graphs=written.graphs,
             verbalizers=list(ck.verbalizers.target_layers) if opts.verbalizers else [],
-            quantization=written.quantization,
+            decoder_split=written.decoder_split, quantization=written.quantization,
             source={"path": str(folder.resolve()), "sha256": folder_hash(folder)},
             tools=tool_versions(("vlsi", "torch", "transformers", *tgt.tools)),
         )

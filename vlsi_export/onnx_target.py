@@ -1,6 +1,8 @@
-"""``vlsi export --target onnx``: three graphs (vision encoder, token embedding, decoder with
-KV cache), quantised per graph with ONNX Runtime's own quantisers, their I/O names in the
-manifest. The graphs themselves are the architecture's (``vlsi/archs/<arch>/onnx.py``)."""
+"""``vlsi export --target onnx``: vision encoder, token embedding and the text decoder with its
+KV cache, the decoder split at layer boundaries into segments, one LM head graph and one graph
+per kept verbalizer head (:mod:`vlsi.archs.onnx`), each quantised with ONNX Runtime's own
+quantisers, their I/O names and the split in the manifest. The vision graph is the
+architecture's (``vlsi/archs/<arch>/onnx.py``)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,24 @@ class OnnxOptions(CommonOptions):
     vision_quant: str = option("fp32", "Vision encoder precision.", PRECISIONS)
     block_size: int = option(32, "int4: weights per quantisation block (a power of two >= 16).")
     symmetric: bool = option(True, "int4: symmetric blocks (--no-symmetric: with zero points).")
+    split_layers: str | None = option(None, "Also split the decoder after these layers (1-based, e.g. '6' or "
+                                            "'4,12'), besides after every kept verbalizer layer.")
+
+
+def parse_split_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """``--split-layers`` as sorted layers, each in 1..num_layers - 1."""
+    if spec is None or not str(spec).strip():
+        return ()
+    try:
+        layers = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--split-layers {spec!r}: give 1-based layers separated by commas, "
+                          "e.g. '6' or '4,12'") from None
+    bad = [k for k in layers if not 1 <= k < num_layers]
+    if bad:
+        raise ConfigError(f"--split-layers {spec!r}: {bad} out of range; the decoder can be split after layers "
+                          f"1..{num_layers - 1}")
+    return tuple(sorted(set(layers)))
 
 
 def signature(path: Path) -> dict:
@@ -55,11 +75,14 @@ class OnnxTarget(Target):
         from vlsi.archs.onnx import OPSET
         from vlsi.manifest import Graph
 
+        split_layers = parse_split_layers(opts.split_layers, model_block["num_layers"])
         raw = tmp / "fp32"
         raw.mkdir()
-        io = get_export(ck.adapter.name, "onnx").export(ck, ck.verbalizers if opts.verbalizers else None, raw,
-                                                         model_block)
-        precision = {"vision": opts.vision_quant, "embed": "fp32", "decoder": opts.quant}
+        io, split = get_export(ck.adapter.name, "onnx").export(ck, ck.verbalizers if opts.verbalizers else None, raw,
+                                                                model_block, split_layers)
+        # every decoder graph (segments, LM head, verbalizer heads) at the decoder's precision
+        precision = {name: opts.quant for name in io}
+        precision.update(vision=opts.vision_quant, embed="fp32")
         graphs = {}
         for name, prec in precision.items():
             dst = tmp / f"{name}.onnx"
@@ -75,5 +98,5 @@ class OnnxTarget(Target):
         shutil.rmtree(raw)
         quant = {"decoder": opts.quant, "vision": opts.vision_quant, "block_size": opts.block_size,
                  "symmetric": opts.symmetric, "opset": OPSET}
-        return Written(precision=opts.quant, graphs=graphs, quantization=quant)
+        return Written(precision=opts.quant, graphs=graphs, quantization=quant, decoder_split=split)
 
