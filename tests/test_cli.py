@@ -55,6 +55,19 @@ def test_synth_tiny_eval_end_to_end(tmp_path):
     assert rep["n"] == 4 and set(rep["per_layer_accuracy"]) == {"2", "4", "6"}
 
 
+def test_synth_pool_split_from_the_command_line(tmp_path):
+    """--n-pool writes the fresh pool split (none of its images in train) and leaves the rest as without it."""
+    r = CliRunner()
+    base = ["data", "synth", "--n", "30", "--n-eval", "8", "--no-mc"]
+    assert r.invoke(main, [*base, "--out", str(tmp_path / "p"), "--n-pool", "12"]).exit_code == 0
+    assert r.invoke(main, [*base, "--out", str(tmp_path / "q")]).exit_code == 0
+    pool = json.loads((tmp_path / "p" / "pool.json").read_text())
+    assert len(pool) == 12 and not (tmp_path / "q" / "pool.json").exists()
+    assert (tmp_path / "p" / "train.json").read_bytes() == (tmp_path / "q" / "train.json").read_bytes()
+    res = r.invoke(main, [*base, "--out", str(tmp_path / "bad"), "--n-pool", "-1"])
+    assert res.exit_code == 2 and "n_pool" in res.output
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "d.json").write_text("[]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import pytest
@@ -48,6 +49,8 @@ def test_candidates_follow_search_range_and_order():
     assert candidates(2, 3, 7, 6, c) == [6]
     assert candidates(1, 3, 7, 2, _cfg(order_preservation=False)) == [0, 1, 2, 3, 4, 5]
     assert candidates(0, 3, 7, 0, _cfg(search_range=False)) == list(range(7))
+    for paper in ("random", "uniform", "bottomk"):  # Appendix D's variants: no window
+        assert candidates(1, 3, 7, 5, _cfg(matching=paper)) == list(range(7))
 
 
 def _synthetic(ts=3, tl=7, seed=0, close=None):
@@ -88,19 +91,146 @@ def test_multinomial_matching_prefers_the_closest_layers_in_order():
     assert freq > max(first.count(j) for j in (0, 2, 3, 4)) / len(first) + 0.2
 
 
-def test_bottomk_uniform_random():
+def test_in_window_variants_keep_the_earlier_behaviour():
+    """The project's earlier random / uniform / bottom-k, under names that say what they are:
+    drawn inside Algorithm 1's candidate window."""
     close = {0: 1, 1: 3, 2: 6}
     student, teacher, _ = _synthetic(close=close)
     g = torch.Generator().manual_seed(0)
-    _, m, _ = match_layers(student, teacher, 7, _cfg(matching="bottomk", bottom_k=1), g)
+    _, m, _ = match_layers(student, teacher, 7, _cfg(matching="bottomk_pick_in_window", bottom_k=1), g)
     assert m == [1, 3, 6]
-    _, m, d = match_layers(student, teacher, 7, _cfg(matching="uniform"), g)
+    _, m, d = match_layers(student, teacher, 7, _cfg(matching="uniform_span_in_window"), g)
     assert m == [0, 3, 6] and d == [[], [], []]  # fixed spacing, no distances needed
     seen = set()
     for s in range(30):
-        _, m, _ = match_layers(student, teacher, 7, _cfg(matching="random"), torch.Generator().manual_seed(s))
+        _, m, _ = match_layers(student, teacher, 7, _cfg(matching="random_in_window"), torch.Generator().manual_seed(s))
         seen.add(m[0])
+        assert m == sorted(m) and len(set(m)) == 3
     assert seen == {0, 1, 2, 3, 4}
+
+
+# ---------------------------------------------------------------- Appendix D on hand-made divergences
+def _matrix(rows):
+    """Student layers, teacher layers and a divergence that reads the hand-made matrix
+    ``rows[i][j]``: student i's logits hold i + 1, teacher j's hold j, and the divergence is
+    ``D[i, j]`` with gradient ``D[i, j] / (i + 1)`` w.r.t. student i."""
+    D = torch.tensor(rows, dtype=torch.float64)
+    ts, tl = D.shape
+    student = [torch.full((1,), float(i + 1), dtype=torch.float64, requires_grad=True) for i in range(ts)]
+    asked = []
+
+    def teacher(j):
+        asked.append(j)
+        return torch.full((1,), float(j), dtype=torch.float64)
+
+    def divergence(s, t):
+        i, j = int(s.detach()) - 1, int(t)
+        return D[i, j] * s.sum() / (i + 1)
+
+    return D, student, teacher, divergence, asked
+
+
+# closest teacher target per student row: 4 (outside student 0's window [0..2]), 0 (before
+# student 1's window would start), 1
+HAND = [[5.0, 4.0, 3.0, 2.0, 0.5],
+        [0.1, 6.0, 0.7, 8.0, 0.9],
+        [9.0, 0.2, 0.4, 0.3, 7.0]]
+
+
+def test_random_draws_uniformly_from_every_teacher_target():
+    """Appendix D's random index: any of the tl targets, no search range, no order (the
+    window toggles, on by default, do not apply)."""
+    D, student, teacher, divergence, asked = _matrix(HAND)
+    tl = D.shape[1]
+    firsts, counts, unordered = [], torch.zeros(tl), False
+    for seed in range(300):
+        loss, m, d = match_layers(student, teacher, tl, _cfg(matching="random"), torch.Generator().manual_seed(seed),
+                                  divergence)
+        assert loss.item() == pytest.approx(sum(D[i, j].item() for i, j in enumerate(m)))
+        assert d == [[], [], []]  # no divergence computed to choose
+        firsts.append(m[0])
+        for j in m:
+            counts[j] += 1
+        unordered = unordered or m != sorted(m)
+    assert set(firsts) == set(range(tl))  # student 0 reaches the last target: no search range
+    assert unordered  # matches need not be in order
+    assert counts.min() / counts.max() > 0.6  # about uniform: 180 draws per target
+
+
+def test_uniform_is_i_times_floor_tl_over_ts():
+    for ts, tl, want in ((7, 20, [0, 2, 4, 6, 8, 10, 12]), (2, 3, [0, 1]), (3, 7, [0, 2, 4]), (3, 3, [0, 1, 2])):
+        D, student, teacher, divergence, _ = _matrix(torch.rand(ts, tl).tolist())
+        loss, m, d = match_layers(student, teacher, tl, _cfg(matching="uniform"), torch.Generator(), divergence)
+        assert m == want
+        assert d == [[]] * ts
+        assert loss.item() == pytest.approx(sum(D[i, j].item() for i, j in enumerate(want)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 9])
+def test_bottomk_averages_the_k_smallest_divergences_over_every_target(k):
+    D, student, teacher, divergence, _ = _matrix(HAND)
+    ts, tl = D.shape
+    loss, m, d = match_layers(student, teacher, tl, _cfg(matching="bottomk", bottom_k=k), torch.Generator(), divergence)
+    smallest = [sorted(row)[:min(k, tl)] for row in HAND]
+    want = sum(sum(r) / len(r) for r in smallest)
+    assert loss.item() == pytest.approx(want)
+    assert m == [4, 0, 1]  # the closest of each row, logged as the match (outside any window)
+    assert all(len(row) == tl for row in d)  # every target compared
+    loss.backward()
+    for i, s in enumerate(student):  # each of the k terms weighs 1/k
+        assert s.grad.item() * (i + 1) == pytest.approx(sum(smallest[i]) / len(smallest[i]))
+
+
+def test_multinomial_alone_and_with_each_component():
+    """The cumulative grid's rows: multinomial over every target at T = 1, then the search
+    range, then order, then the adaptive temperature (Algorithm 1)."""
+    D, student, teacher, divergence, _ = _matrix(HAND)
+    alone = _cfg(search_range=False, order_preservation=False, adaptive_temperature=False)
+    assert candidates(0, 3, 5, 0, alone) == [0, 1, 2, 3, 4]
+    ranged = _cfg(order_preservation=False, adaptive_temperature=False)
+    assert candidates(0, 3, 5, 0, ranged) == [0, 1, 2] and candidates(1, 3, 5, 3, ranged) == [0, 1, 2, 3]
+    ordered = _cfg(adaptive_temperature=False)
+    assert candidates(1, 3, 5, 3, ordered) == [3]
+    firsts = []
+    for seed in range(200):
+        _, m, d = match_layers(student, teacher, 5, alone, torch.Generator().manual_seed(seed), divergence)
+        assert d[0] == HAND[0]  # every target is a candidate
+        firsts.append(m[0])
+    # T = 1: p = softmax(-d) over row 0 puts e^-0.5 / sum(e^-d) = 0.74 on target 4
+    assert 0.62 < firsts.count(4) / 200 < 0.86
+
+
+def test_table4_grid_has_the_papers_rows_and_both_component_grids():
+    """configs/ablation_table4.yaml: Appendix D's variants, the cumulative component grid (each
+    row adds one component to the one before, ending at the full method) and the earlier
+    leave-one-out grid, no two rows the same run."""
+    from dataclasses import asdict, fields
+    from pathlib import Path
+
+    from vlsi.config import from_dict
+    from vlsi_train.ablate import read_grid
+
+    grid = read_grid(Path(__file__).parent.parent / "configs" / "ablation_table4.yaml")
+    cfg = {v["name"]: from_dict(InteractConfig, v.get("interact") or {}) for v in grid}
+    assert len({json.dumps(asdict(c), sort_keys=True) for c in cfg.values()}) == len(grid)
+    assert cfg["random index"].matching == "random" and cfg["uniform index"].matching == "uniform"
+    assert cfg["bottom-k index (k=1)"].matching == "bottomk"
+    steps = ["multinomial alone", "multinomial + search range", "multinomial + search range + order",
+             "KLD / KLD (VLsI)"]
+    added = []
+    for before, after in zip(steps, steps[1:]):
+        diff = [f.name for f in fields(InteractConfig) if getattr(cfg[before], f.name) != getattr(cfg[after], f.name)]
+        assert len(diff) == 1 and getattr(cfg[after], diff[0]) is True, (before, after, diff)
+        added.append(diff[0])
+    assert added == ["search_range", "order_preservation", "adaptive_temperature"]
+    assert cfg["KLD / KLD (VLsI)"] == InteractConfig()
+    assert not cfg["multinomial alone"].search_range and not cfg["multinomial alone"].adaptive_temperature
+    assert {"multinomial, no search range", "multinomial, no order preservation"} <= set(cfg)
+    assert {c.matching for c in cfg.values()} >= {"random_in_window", "uniform_span_in_window",
+                                                  "bottomk_pick_in_window"}
+    # both readings of what interaction trains
+    assert cfg["student heads trained in interaction"].train_student_verbalizers
+    assert cfg["nothing frozen (the earlier behaviour)"].freeze == ()
 
 
 def _tracked(teacher):

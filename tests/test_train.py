@@ -221,3 +221,84 @@ def test_final_layer_kd_under_torchrun_leaves_the_student_heads_alone(pair, tmp_
     assert before and before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
+
+
+# ---------------------------------------------------------------- what interaction trains (issue 15)
+LM_HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"  # as model.safetensors names them
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("overrides, frozen", [
+    ({}, {LM_HEAD, EMBED, "heads"}),  # the paper's reading, the default
+    ({"interact.freeze": [], "interact.train_student_verbalizers": True}, set()),  # the earlier behaviour
+    ({"interact.freeze": ["lm_head"], "interact.train_student_verbalizers": True}, {LM_HEAD}),
+    ({"interact.freeze": ["embed_tokens", "vision_tower"]}, {EMBED, "heads", "visual"}),
+])
+def test_interact_with_full_fine_tuning_freezes_what_is_asked(pair, tmp_path, overrides, frozen):
+    """With lora.enabled=false, interact.freeze keeps the named parts bit-identical (the LM head
+    and the input embeddings by default, as the paper's interaction trains neither) and
+    interact.train_student_verbalizers says whether the student's heads move; everything else
+    trains."""
+    from vlsi.checkpoint import VERBALIZERS_FILE
+
+    root, data = pair
+    out = tmp_path / "si"
+    trainer = Trainer(_cfg(stage="interact", model=str(root / "sv"), teacher=str(root / "tv"), data=data,
+                           out=str(out), **overrides))
+    trainer.train()
+    moved = _changed(load_file(str(root / "sv" / "model.safetensors")), load_file(str(out / "model.safetensors")))
+    heads_moved = _changed(load_file(str(root / "sv" / VERBALIZERS_FILE)), load_file(str(out / VERBALIZERS_FILE)))
+    weights = load_file(str(out / "model.safetensors")).keys()
+    should_stay = {k for k in weights if k in frozen or any(k.startswith(p + ".") for p in frozen)}
+    assert not moved & should_stay, sorted(moved & should_stay)[:5]
+    # every other weight that feeds the loss moved: each decoder layer, the vision tower, the final norm
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.mlp.down_proj.weight", "model.norm.weight",
+              "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight", LM_HEAD, EMBED):
+        assert (k in moved) == (k not in should_stay), k
+    assert bool(heads_moved) == ("heads" not in frozen)
+    # frozen, not merely unused: nothing frozen is in the optimiser (DDP expects a gradient for each)
+    trainable = {n for n, p in trainer.module.named_parameters() if p.requires_grad}
+    assert ("model.lm_head.weight" in trainable) == (LM_HEAD not in frozen)
+    assert any(n.startswith("verbalizers.") for n in trainable) == ("heads" not in frozen)
+
+
+def test_freeze_names_are_checked():
+    from vlsi_train.config import FREEZABLE
+    from vlsi_train.models import freeze_parts
+    from vlsi.tiny import build_tiny
+
+    with pytest.raises(ConfigError, match="interact.freeze='lm_heads' is not allowed; choose one of: lm_head"):
+        load_config(TrainConfig, None, ["data=x", "out=y", "interact.freeze=[lm_heads]"])
+    with pytest.raises(ConfigError, match="interact.freeze.*twice"):
+        load_config(TrainConfig, None, ["data=x", "out=y", "interact.freeze=[lm_head, lm_head]"])
+    model = build_tiny("qwen2_vl", "student")[0]
+    freeze_parts(model, FREEZABLE)  # every name resolves through the adapter
+    assert not model.lm_head.weight.requires_grad and not model.model.visual.merger.mlp[0].weight.requires_grad
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.requires_grad
+
+
+@pytest.mark.slow
+def test_paper_faithful_interaction_under_torchrun(pair, tmp_path):
+    """The default interaction (LM head, embeddings and student heads frozen, layer-wise term
+    on) under DDP with two processes: runs past the second step and leaves those tensors
+    bit-identical while the layers train."""
+    from vlsi.checkpoint import VERBALIZERS_FILE
+
+    from .conftest import torchrun_train
+
+    root, data = pair
+    out = tmp_path / "strict"
+    args = ["stage=interact", f"model={root / 'sv'}", f"teacher={root / 'tv'}", f"data={data}", f"out={out}",
+            "steps=6", "batch_size=4", "log_every=1", "progress=false", "threads=1"]
+    res = torchrun_train(2, args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    moved = _changed(load_file(str(root / "sv" / "model.safetensors")), load_file(str(out / "model.safetensors")))
+    assert LM_HEAD not in moved and EMBED not in moved
+    assert "model.layers.0.self_attn.q_proj.weight" in moved
+    assert not _changed(load_file(str(root / "sv" / VERBALIZERS_FILE)), load_file(str(out / VERBALIZERS_FILE)))
+    rows = [json.loads(x) for x in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["matched"]) == 1 for r in rows)

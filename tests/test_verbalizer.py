@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from vlsi.data.encode import Encoder
 from vlsi.data.records import Record, Turn
 from vlsi.errors import ConfigError
 from vlsi.tiny import build_tiny
-from vlsi.verbalizer import ARCHS, VerbalizerConfig, Verbalizers, VerbalizerTap, parse_target_layers
+from vlsi.verbalizer import ARCHS, LayerTap, VerbalizerConfig, Verbalizers, VerbalizerTap, parse_target_layers
 
 from .conftest import png_bytes
 
@@ -243,3 +245,158 @@ def test_tap_streams_layers_on_demand_and_names_missing_layers(setup):
         VerbalizerTap(model, v, layers=(2,))
     with pytest.raises(ConfigError, match="no verbalizers"):
         VerbalizerTap(model, None, layers=(1,))
+
+
+# ---------------------------------------------------------------- Table 4(f) at the paper's sizes
+def _head_params(v, layer) -> int:
+    return sum(p.numel() for p in v.heads[str(layer)].parameters())
+
+
+def test_paper_sized_variants_have_the_papers_parameter_counts(setup):
+    """Table 4(f)'s counts for 7 heads of a 7B student (d 3584, FFN width I 18944) are verb-FFN
+    7*3d^2, FFN 7*3dI, MLP 7*d^2 and decoder 7 backbone decoder layers; the same formulas hold
+    for the tiny student (d 96, I 256, 3 query heads, 1 key/value head of 32), each head
+    plus its own RMSNorm (d)."""
+    model, _, _ = setup
+    d, inner, heads, kv, hd = 96, 256, 3, 1, 32
+    sizes = get_adapter(model).text_sizes(model.config)
+    assert (sizes.hidden_size, sizes.intermediate_size, sizes.num_heads, sizes.num_kv_heads, sizes.head_dim) == (
+        d, inner, heads, kv, hd)
+    attention = d * heads * hd + heads * hd + 2 * (d * kv * hd + kv * hd) + heads * hd * d  # q, k, v (biases), o
+    layer = attention + 3 * d * inner + 2 * d  # the expanded gated FFN and two norms
+    want = {"verb_ffn": 3 * d * d, "ffn": 3 * d * inner, "mlp": d * d, "decoder_block": layer}
+    backbone_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+    assert backbone_layer == layer  # the decoder head is exactly one backbone decoder layer
+    targets = (1, 3, 5)
+    for arch, per_block in want.items():
+        for depth in (1, 2):
+            v = Verbalizers.for_model(model, VerbalizerConfig(targets, arch=arch, depth=depth))
+            assert _head_params(v, 3) == depth * per_block + d, (arch, depth)
+            assert sum(p.numel() for p in v.parameters()) == len(targets) * (depth * per_block + d)
+    block = Verbalizers.for_model(model, VerbalizerConfig((1,), arch="decoder_block")).heads["1"].blocks[0]
+    assert type(block.layer) is type(model.model.language_model.layers[0])  # the backbone's own class
+    assert block.layer.self_attn.config is model.config.text_config
+
+
+def test_legacy_sizes_keep_the_earlier_heads(setup):
+    model, _, _ = setup
+    d = 96
+    want = {"ffn": 3 * d * 4 * d, "mlp": 2 * (d * d + d), "decoder_block": 3 * d * d + d * d + 3 * d * d + 2 * d}
+    for arch, per_block in want.items():
+        v = Verbalizers.for_model(model, VerbalizerConfig((1,), arch=arch, sizes="legacy"))
+        assert _head_params(v, 1) == per_block + d, arch
+
+
+def test_paper_sized_heads_need_the_backbone():
+    """ffn and decoder_block take sizes from the backbone; built without one they say how."""
+    with pytest.raises(ConfigError, match="for_model"):
+        Verbalizers(VerbalizerConfig((1,), arch="decoder_block"), 32, 4, 1e-6)
+    with pytest.raises(ConfigError, match="intermediate width"):
+        Verbalizers(VerbalizerConfig((1,), arch="ffn"), 32, 4, 1e-6)
+    assert Verbalizers(VerbalizerConfig((1,), arch="ffn"), 32, 4, 1e-6, intermediate_size=80).heads["1"].blocks[0] \
+        .up.out_features == 80
+    with pytest.raises(ConfigError, match="verbalizer.sizes"):
+        VerbalizerConfig((1,), sizes="huge").validate(6)
+
+
+def _perturbed(v):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in v.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return v
+
+
+@pytest.mark.parametrize("sizes", ["paper", "legacy"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoint_round_trip_for_every_variant(setup, tmp_path, tokenizer, arch, sizes):
+    """verbalizers.safetensors plus the config in vlsi.json give back the same heads."""
+    from safetensors.torch import load_file
+
+    from vlsi.checkpoint import VERBALIZERS_FILE, load_checkpoint, save_checkpoint
+
+    model, inputs, _ = setup
+    proc = build_tiny("qwen2_vl", "student", tokenizer=tokenizer)[2]
+    v = _perturbed(Verbalizers.for_model(model, VerbalizerConfig((1, 3), arch=arch, sizes=sizes)))
+    save_checkpoint(tmp_path / "c", model, tokenizer, proc, v)
+    ck = load_checkpoint(tmp_path / "c")
+    assert ck.verbalizers.cfg == v.cfg
+    saved = load_file(str(tmp_path / "c" / VERBALIZERS_FILE))
+    assert saved.keys() == v.state_dict().keys()
+    with torch.no_grad():
+        _, want = VerbalizerTap(model, v).forward(inputs)
+        _, got = VerbalizerTap(ck.model, ck.verbalizers).forward(inputs)
+    for k in (1, 3):
+        torch.testing.assert_close(got[k], want[k])
+
+
+@pytest.mark.parametrize("arch", ["ffn", "mlp", "decoder_block"])
+def test_checkpoints_written_before_the_paper_sizes_still_load(setup, tmp_path, tokenizer, arch):
+    """A vlsi.json without ``sizes`` (what vlsi wrote before) is read as the legacy heads."""
+    from vlsi.checkpoint import META_FILE, load_checkpoint, save_checkpoint
+
+    model, inputs, _ = setup
+    proc = build_tiny("qwen2_vl", "student", tokenizer=tokenizer)[2]
+    v = _perturbed(Verbalizers.for_model(model, VerbalizerConfig((1, 3), arch=arch, sizes="legacy")))
+    save_checkpoint(tmp_path / "old", model, tokenizer, proc, v)
+    meta_path = tmp_path / "old" / META_FILE
+    meta = json.loads(meta_path.read_text())
+    del meta["verbalizers"]["sizes"]
+    meta_path.write_text(json.dumps(meta))
+    ck = load_checkpoint(tmp_path / "old")
+    assert ck.verbalizers.cfg.sizes == "legacy" and ck.verbalizers.cfg.arch == arch
+    with torch.no_grad():
+        _, want = VerbalizerTap(model, v).forward(inputs)
+        _, got = VerbalizerTap(ck.model, ck.verbalizers).forward(inputs)
+    torch.testing.assert_close(got[3], want[3])
+    assert VerbalizerConfig.from_dict({"target_layers": [1], "arch": "verb_ffn", "depth": 1, "ffn_mult": 4}).sizes \
+        == "paper"  # verb_ffn is the same in both
+
+
+def test_decoder_block_heads_read_the_backbones_positions(setup):
+    """The paper-sized decoder head applies the rotary (cos, sin) the backbone's layers were
+    given: the tap captures them for every position, and other positions change the answer."""
+    model, inputs, _ = setup
+    v = _perturbed(Verbalizers.for_model(model, VerbalizerConfig((1, 3), arch="decoder_block")))
+    with torch.no_grad():
+        with LayerTap(model, (3,), positions=True) as tap:
+            model(**inputs)
+        cos, sin = tap.positions
+        assert cos.shape[-2] == inputs["input_ids"].shape[1]
+        mask = inputs["attention_mask"]
+        right = v.heads["3"](tap.hidden[3], mask, (cos, sin))
+        flipped = v.heads["3"](tap.hidden[3], mask, (cos.flip(-2), sin.flip(-2)))
+    assert not torch.allclose(right, flipped, atol=1e-4)
+    with pytest.raises(ValueError, match="rotary position embeddings"):
+        v.heads["3"](tap.hidden[3], mask)
+
+
+@pytest.mark.parametrize("sizes", ["paper", "legacy"])
+def test_onnx_export_refuses_decoder_block_heads(setup, sizes):
+    """Heads that attend over the sequence are refused by the ONNX graphs, with the reason."""
+    from vlsi.archs.onnx import Decoder, VerbalizerPart
+
+    model, _, _ = setup
+    v = Verbalizers.for_model(model, VerbalizerConfig((1, 3), arch="decoder_block", sizes=sizes))
+    assert v.attends
+    with pytest.raises(ValueError, match="decoder_block verbalizers attend over the whole sequence"):
+        Decoder(model, v)
+    with pytest.raises(ValueError, match="decoder_block verbalizers attend over the whole sequence"):
+        VerbalizerPart(v, 1)
+
+
+def test_decoder_block_heads_mask_alike_under_eager_and_sdpa(tokenizer):
+    """The head builds the mask each attention implementation takes (sdpa: bool, eager:
+    additive) from one padding mask: both give the same answer, padding included."""
+    model = build_tiny("qwen2_vl", "student", seed=0, tokenizer=tokenizer)[0]
+    v = _perturbed(Verbalizers.for_model(model, VerbalizerConfig((3,), arch="decoder_block")))
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = (torch.randn(2, 7, n, generator=g) for n in (96, 32, 32))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    with torch.no_grad():
+        sdpa = v.heads["3"](x, mask, (cos, sin))
+        model.set_attn_implementation("eager")
+        assert v.heads["3"].blocks[0].layer.self_attn.config._attn_implementation == "eager"
+        eager = v.heads["3"](x, mask, (cos, sin))
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)

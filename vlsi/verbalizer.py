@@ -6,17 +6,25 @@ never copied), giving vocabulary logits for that layer. Heads are residual with 
 projection zero-initialised, so an untrained verbalizer equals the "logit lens" (final-norm
 style norm + LM head on the raw hidden state) and training starts from a sensible reading.
 
-Variants (the paper's Table 4 ablation):
+Variants (the paper's Table 4(f), at the sizes its parameter counts imply: 7 heads of a 7B
+student, hidden d, FFN width I, give verb-FFN 7*3d^2, FFN 7*3dI, MLP 7*d^2, decoder 7 blocks):
 - ``verb_ffn``: gated FFN keeping the width (gate, up, down all hidden->hidden, SiLU);
-- ``ffn``: the same with an expanded inner width (``ffn_mult`` x hidden);
-- ``mlp``: two linear layers with GELU, hidden->hidden->hidden;
-- ``decoder_block``: a pre-norm causal self-attention block followed by a verb-FFN.
+- ``ffn``: the same gated FFN at the backbone's own intermediate width I;
+- ``mlp``: one hidden->hidden projection, ``x + gelu(W x)``;
+- ``decoder_block``: a full decoder layer of the backbone, built from its own decoder-layer
+  class and text config (grouped-query attention with the backbone's rotary positions, then
+  its expanded FFN), its output projections zero-initialised.
 ``depth`` stacks 1 (x1) or 2 (x2) of them.
+
+``sizes="legacy"`` keeps the smaller stand-ins vlsi used before, so that their checkpoints
+(whose ``vlsi.json`` has no ``sizes`` key) still load: ``ffn`` at ``ffn_mult`` x hidden,
+``mlp`` as two hidden x hidden linears with a GELU between, ``decoder_block`` as full-width
+multi-head causal attention without rotary positions followed by a verb-FFN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +34,7 @@ from torch import nn
 from .errors import ConfigError
 
 ARCHS = ("verb_ffn", "ffn", "mlp", "decoder_block")
+SIZES = ("paper", "legacy")
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,17 @@ class VerbalizerConfig:
     depth: int = 1
     """Blocks per head: 1 (x1) or 2 (x2)."""
     ffn_mult: int = 4
-    """Inner width multiple of the expanding ``ffn`` variant."""
+    """Inner width multiple of the legacy ``ffn`` variant (``sizes="legacy"`` only)."""
+    sizes: str = "paper"
+    """paper: ffn, mlp and decoder_block at the sizes of the paper's Table 4(f) (see the module
+    docstring); legacy: the smaller stand-ins of checkpoints written before (read as legacy
+    when their config has no ``sizes`` key). verb_ffn is the same in both."""
 
     def validate(self, num_layers: int) -> "VerbalizerConfig":
         if self.arch not in ARCHS:
             raise ConfigError(f"verbalizer.arch={self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.sizes not in SIZES:
+            raise ConfigError(f"verbalizer.sizes={self.sizes!r} is not one of {', '.join(SIZES)}")
         if self.depth not in (1, 2):
             raise ConfigError(f"verbalizer.depth={self.depth} must be 1 or 2")
         if not self.target_layers:
@@ -63,10 +78,16 @@ class VerbalizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VerbalizerConfig":
-        unknown = set(d) - {"target_layers", "arch", "depth", "ffn_mult"}
+        """From ``vlsi.json``; a config without ``sizes`` was written before the paper-sized
+        variants existed, so its ffn / mlp / decoder_block heads are the legacy ones."""
+        allowed = {"target_layers", "arch", "depth", "ffn_mult", "sizes"}
+        unknown = set(d) - allowed
         if unknown:
-            raise ConfigError(f"unknown verbalizer keys {sorted(unknown)}; allowed: target_layers, arch, depth, ffn_mult")
-        return cls(**{**d, "target_layers": tuple(int(k) for k in d["target_layers"])})
+            raise ConfigError(f"unknown verbalizer keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        d = {**d, "target_layers": tuple(int(k) for k in d["target_layers"])}
+        if "sizes" not in d:
+            d["sizes"] = "paper" if d.get("arch", "verb_ffn") == "verb_ffn" else "legacy"
+        return cls(**d)
 
 
 def parse_target_layers(spec, num_layers: int) -> tuple[int, ...]:
@@ -109,7 +130,8 @@ class RMSNorm(nn.Module):
 
 
 class GatedFFN(nn.Module):
-    """``x + down(silu(gate(x)) * up(x))``; ``inner == dim`` is the paper's verb-FFN."""
+    """``x + down(silu(gate(x)) * up(x))``: with ``inner == dim`` the paper's verb-FFN, with
+    ``inner`` the backbone's intermediate width the paper's FFN variant."""
 
     attends = False
     """Position-wise: each position's output depends on that position only."""
@@ -124,11 +146,27 @@ class GatedFFN(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
         return x + self.delta(x)
 
 
-class PlainMLP(nn.Module):
+class ProjectionMLP(nn.Module):
+    """The paper's MLP head: one hidden x hidden projection, ``x + gelu(fc(x))``."""
+
+    attends = False
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim, bias=False)
+        nn.init.zeros_(self.fc.weight)
+
+    def forward(self, x: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
+        return x + F.gelu(self.fc(x))
+
+
+class TwoLinearMLP(nn.Module):
+    """Legacy ``mlp``: ``x + fc2(gelu(fc1(x)))``, two hidden x hidden linears with biases."""
+
     attends = False
 
     def __init__(self, dim: int):
@@ -138,13 +176,24 @@ class PlainMLP(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm causal self-attention then a verb-FFN. Positions are already in the hidden
-    states (the backbone applied its rotary embedding), so the block adds none."""
+def causal_mask(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
+    """``(B or 1, 1, L, L)`` bool, True where a query may attend: earlier or same positions that
+    are real tokens (``attention_mask (B, L)``, 1 for real). Padded queries see themselves, so no
+    row is fully masked (which would give NaN)."""
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask is not None:
+        eye = torch.eye(length, dtype=torch.bool, device=device)[None, None]
+        mask = (mask & attention_mask[:, None, None, :].bool()) | eye
+    return mask
+
+
+class AttentionFFNBlock(nn.Module):
+    """Legacy ``decoder_block``: pre-norm causal full-width multi-head self-attention (no rotary
+    positions) then a verb-FFN."""
 
     attends = True
     """Each position reads the earlier ones: decoding needs the layer's whole history."""
@@ -159,50 +208,119 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = GatedFFN(dim, dim)
 
-    def forward(self, x: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
         # x: (B, L, D); attention_mask: (B, L) with 1 for real tokens, or None
         b, length, d = x.shape
         q, k, v = self.qkv(self.norm(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-        mask = causal[None, None]
-        if attention_mask is not None:
-            # padded queries see themselves, so no row is fully masked (which would give NaN)
-            eye = torch.eye(length, dtype=torch.bool, device=x.device)[None, None]
-            mask = (mask & attention_mask[:, None, None, :].bool()) | eye
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(attention_mask, length, x.device))
         x = x + self.out(a.transpose(1, 2).reshape(b, length, d))
         return x + self.ffn.delta(self.ffn_norm(x))
 
 
-class VerbalizerHead(nn.Module):
-    def __init__(self, cfg: VerbalizerConfig, dim: int, heads: int, eps: float):
-        super().__init__()
-        if cfg.arch == "verb_ffn":
-            make = lambda: GatedFFN(dim, dim)  # noqa: E731
-        elif cfg.arch == "ffn":
-            make = lambda: GatedFFN(dim, cfg.ffn_mult * dim)  # noqa: E731
-        elif cfg.arch == "mlp":
-            make = lambda: PlainMLP(dim)  # noqa: E731
-        else:
-            make = lambda: DecoderBlock(dim, heads, eps)  # noqa: E731
-        self.blocks = nn.ModuleList(make() for _ in range(cfg.depth))
-        self.norm = RMSNorm(dim, eps)
+RESIDUAL_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
+"""The projections of a backbone decoder layer that write into the residual stream (Qwen2's
+names, the text decoder of every architecture here); zeroed so an untrained block is the
+identity."""
 
-    def forward(self, h: torch.Tensor, attention_mask=None) -> torch.Tensor:
+
+class BackboneDecoderBlock(nn.Module):
+    """The paper's decoder head: one decoder layer of the backbone's own class and text config
+    (grouped-query attention on the backbone's rotary positions, its expanded FFN, its norms)."""
+
+    attends = True
+    """Each position reads the earlier ones: decoding needs the layer's whole history."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        names = dict(layer.named_modules())
+        missing = [n for n in RESIDUAL_OUTPUTS if n not in names]
+        if missing:
+            raise ConfigError(f"verbalizer.arch=decoder_block: the backbone's decoder layer "
+                              f"{type(layer).__name__} has no {', '.join(missing)}; use verb_ffn, ffn or mlp heads")
+        for n in RESIDUAL_OUTPUTS:
+            nn.init.zeros_(names[n].weight)
+
+    def forward(self, x: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
+        """``x (B, L, D)``, ``attention_mask (B, L)`` (1 for real tokens) or None, and the
+        ``(cos, sin)`` the backbone's decoder layers were given for these positions."""
+        if position_embeddings is None:
+            raise ValueError("decoder_block heads need the backbone's rotary position embeddings: "
+                             "run them through VerbalizerTap")
+        impl = self.layer.self_attn.config._attn_implementation
+        mask = causal_mask(attention_mask, x.shape[1], x.device)
+        if impl == "eager":  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+        elif impl != "sdpa":
+            raise ConfigError(f"decoder_block verbalizer heads run with eager or sdpa attention, not {impl!r}; "
+                              "load the model with attn_implementation='sdpa'")
+        out = self.layer(x, attention_mask=mask, position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass(frozen=True)
+class HeadSizes:
+    """What the heads need to know about their backbone."""
+
+    hidden: int
+    heads: int
+    """Attention heads (legacy decoder_block)."""
+    eps: float
+    """The final norm's epsilon."""
+    intermediate: int | None = None
+    """The backbone's FFN width (paper-sized ``ffn``)."""
+    decoder_layer: Callable[[int], nn.Module] | None = None
+    """``layer_idx -> nn.Module``: a new decoder layer of the backbone's class (paper-sized
+    ``decoder_block``)."""
+
+
+def _block_maker(cfg: VerbalizerConfig, sizes: HeadSizes, layer: int):
+    """``() -> block`` for one head of target ``layer``."""
+    d = sizes.hidden
+    if cfg.arch == "verb_ffn":
+        return lambda: GatedFFN(d, d)
+    if cfg.sizes == "legacy":
+        return {"ffn": lambda: GatedFFN(d, cfg.ffn_mult * d), "mlp": lambda: TwoLinearMLP(d),
+                "decoder_block": lambda: AttentionFFNBlock(d, sizes.heads, sizes.eps)}[cfg.arch]
+    if cfg.arch == "ffn":
+        if sizes.intermediate is None:
+            raise ConfigError("verbalizer.arch=ffn heads take the backbone's intermediate width: build them with "
+                              "Verbalizers.for_model(model, cfg) or pass intermediate_size")
+        return lambda: GatedFFN(d, sizes.intermediate)
+    if cfg.arch == "mlp":
+        return lambda: ProjectionMLP(d)
+    if sizes.decoder_layer is None:
+        raise ConfigError("verbalizer.arch=decoder_block heads are decoder layers of the backbone: build them with "
+                          "Verbalizers.for_model(model, cfg)")
+    # the layer beside the one it reads: a sliding-window or full-attention type like layer k + 1
+    return lambda: BackboneDecoderBlock(sizes.decoder_layer(layer))
+
+
+class VerbalizerHead(nn.Module):
+    def __init__(self, cfg: VerbalizerConfig, sizes: HeadSizes, layer: int):
+        super().__init__()
+        make = _block_maker(cfg, sizes, layer)
+        self.blocks = nn.ModuleList(make() for _ in range(cfg.depth))
+        self.norm = RMSNorm(sizes.hidden, sizes.eps)
+
+    def forward(self, h: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
         for block in self.blocks:
-            h = block(h, attention_mask)
+            h = block(h, attention_mask, position_embeddings)
         return self.norm(h)
 
 
 class Verbalizers(nn.Module):
     """One head per target layer; the LM head is passed in at call time, never owned."""
 
-    def __init__(self, cfg: VerbalizerConfig, hidden_size: int, num_heads: int, eps: float):
+    def __init__(self, cfg: VerbalizerConfig, hidden_size: int, num_heads: int, eps: float,
+                 intermediate_size: int | None = None, decoder_layer: Callable[[int], nn.Module] | None = None):
+        """``intermediate_size`` (paper-sized ``ffn``) and ``decoder_layer`` (``layer_idx ->`` a
+        new backbone decoder layer, paper-sized ``decoder_block``) come from the backbone;
+        :meth:`for_model` fills them in."""
         super().__init__()
         self.cfg = cfg
-        self.heads = nn.ModuleDict(
-            {str(k): VerbalizerHead(cfg, hidden_size, num_heads, eps) for k in cfg.target_layers}
-        )
+        sizes = HeadSizes(hidden_size, num_heads, eps, intermediate_size, decoder_layer)
+        self.heads = nn.ModuleDict({str(k): VerbalizerHead(cfg, sizes, k) for k in cfg.target_layers})
 
     @classmethod
     def for_model(cls, model, cfg: VerbalizerConfig) -> "Verbalizers":
@@ -214,7 +332,10 @@ class Verbalizers(nn.Module):
         cfg.validate(sizes.num_layers)
         norm = ad.final_norm(model)
         eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-        v = cls(cfg, sizes.hidden_size, sizes.num_heads, eps)
+        layer_class = type(ad.decoder_layers(model)[0])
+        text_config = ad.text_config(model.config)
+        v = cls(cfg, sizes.hidden_size, sizes.num_heads, eps, intermediate_size=sizes.intermediate_size,
+                decoder_layer=lambda idx: layer_class(text_config, idx))
         with torch.no_grad():
             for head in v.heads.values():
                 head.norm.weight.copy_(norm.weight)
@@ -231,16 +352,18 @@ class Verbalizers(nn.Module):
         at a time must then keep each layer's earlier hidden states."""
         return any(block.attends for head in self.heads.values() for block in head.blocks)
 
-    def layer_logits(self, k: int, hidden: torch.Tensor, lm_head: nn.Module, attention_mask=None, select=None):
+    def layer_logits(self, k: int, hidden: torch.Tensor, lm_head: nn.Module, attention_mask=None, select=None,
+                     position_embeddings=None):
         """Logits of target layer ``k`` from its hidden states ``(B, L, D)``: ``(B, L, V)``, or
-        ``(N, V)`` at the ``select`` positions."""
-        h = self.heads[str(k)](hidden, attention_mask)
+        ``(N, V)`` at the ``select`` positions. ``position_embeddings``: the backbone's rotary
+        ``(cos, sin)`` for these positions (heads that attend need them)."""
+        h = self.heads[str(k)](hidden, attention_mask, position_embeddings)
         if select is not None:
             h = h[select]
         return lm_head(h)
 
     def forward(self, hidden: dict[int, torch.Tensor], lm_head: nn.Module, attention_mask=None, select=None,
-                layers=None):
+                layers=None, position_embeddings=None):
         """Per-layer logits.
 
         Args:
@@ -248,33 +371,43 @@ class Verbalizers(nn.Module):
             select: optional ``(B, L)`` bool mask; only those positions get logits, which
                 saves the full-vocabulary projection on prompt tokens.
             layers: the target layers to read (default: all).
+            position_embeddings: the backbone's rotary ``(cos, sin)``, for heads that attend.
         Returns:
             ``{layer: (B, L, V)}``, or ``{layer: (N, V)}`` with ``select`` (N = select.sum()).
         """
         layers = self.cfg.target_layers if layers is None else layers
-        return {k: self.layer_logits(k, hidden[k], lm_head, attention_mask, select) for k in layers}
+        return {k: self.layer_logits(k, hidden[k], lm_head, attention_mask, select, position_embeddings)
+                for k in layers}
 
 
 class LayerTap:
-    """Context manager capturing the outputs of chosen decoder layers through forward hooks.
+    """Context manager capturing the outputs of chosen decoder layers through forward hooks
+    (``tap.hidden``: ``{layer: (B, L, D)}``) and, with ``positions=True``, the rotary
+    ``(cos, sin)`` the decoder layers are given (``tap.positions``; heads that attend read it).
 
     Hooks only read, so the wrapped model's own outputs are unchanged bit for bit.
     """
 
-    def __init__(self, model, layers):
+    def __init__(self, model, layers, positions: bool = False):
         from .archs import get_adapter
 
         self.layers = tuple(layers)
         self.modules = get_adapter(model).decoder_layers(model)
-        self.captured: dict[int, torch.Tensor] = {}
+        self.want_positions = positions and bool(self.layers)
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.positions: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles = []
 
-    def __enter__(self) -> dict[int, torch.Tensor]:
+    def __enter__(self) -> "LayerTap":
         for k in self.layers:
             def hook(_m, _inp, out, k=k):
-                self.captured[k] = out[0] if isinstance(out, tuple) else out
+                self.hidden[k] = out[0] if isinstance(out, tuple) else out
             self._handles.append(self.modules[k - 1].register_forward_hook(hook))
-        return self.captured
+        if self.want_positions:
+            def pre_hook(_m, _args, kwargs):
+                self.positions = kwargs.get("position_embeddings")
+            self._handles.append(self.modules[self.layers[0] - 1].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        return self
 
     def __exit__(self, *exc):
         for h in self._handles:
@@ -358,6 +491,7 @@ class VerbalizerTap:
         self.cache = None
         self._attends = verbalizers is not None and verbalizers.attends
         self._history: dict[int, torch.Tensor] = {}
+        self._positions: tuple[torch.Tensor, ...] | None = None  # rotary (cos, sin) of the history
         self._mask = self._pos = None
 
     def lm_head(self) -> nn.Module:
@@ -379,24 +513,24 @@ class VerbalizerTap:
         """
         mask = inputs.get("attention_mask")
         if select is None:
-            with LayerTap(self.model, self.layers) as hidden:
+            with LayerTap(self.model, self.layers, positions=self._attends) as tap:
                 final = self.model(**inputs).logits
         else:
-            with _FinalNormTap(self.model) as norm, LayerTap(self.model, self.layers) as hidden:
+            with _FinalNormTap(self.model) as norm, LayerTap(self.model, self.layers, positions=self._attends) as tap:
                 self.model(**inputs, logits_to_keep=1)
             final = self.lm_head()(norm.captured[select])
         if not self.layers:
             return final, {}
-        head = self.lm_head()
+        head, hidden, pos = self.lm_head(), tap.hidden, tap.positions
         if on_demand:
             return final, _OnDemand(self.layers,
-                                    lambda k: self.verbalizers.layer_logits(k, hidden[k], head, mask, select))
-        return final, self.verbalizers(hidden, head, mask, select, layers=self.layers)
+                                    lambda k: self.verbalizers.layer_logits(k, hidden[k], head, mask, select, pos))
+        return final, self.verbalizers(hidden, head, mask, select, layers=self.layers, position_embeddings=pos)
 
     # ------------------------------------------------------------------ decoding
     def prefill(self, inputs: dict):
         """Run a (left-padded) prompt batch; -> next-token ``(final (B, V), {layer: (B, V)})``."""
-        self.cache, self._history = None, {}
+        self.cache, self._history, self._positions = None, {}, None
         self._mask, self._pos = inputs["attention_mask"], inputs["position_ids"]
         return self._run(inputs)
 
@@ -430,6 +564,8 @@ class VerbalizerTap:
             raise RuntimeError(f"the KV cache holds {self.cache.get_seq_length()} positions after cutting to {n}")
         self._mask = self._mask[:, :n]
         self._history = {k: h[:, :n] for k, h in self._history.items()}
+        if self._positions is not None:
+            self._positions = tuple(p[..., :n, :] for p in self._positions)
 
     def extend(self, inputs: dict):
         """Run more prompt tokens after the positions the tap holds (the rest of a prompt whose
@@ -456,9 +592,14 @@ class VerbalizerTap:
         return self.extend(inputs)
 
     def _run(self, inputs: dict):
-        with LayerTap(self.model, self.layers) as hidden:
+        with LayerTap(self.model, self.layers, positions=self._attends) as tap:
             out = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.cache = out.cache
+        hidden = tap.hidden
+        if self._attends and tap.positions is not None:
+            new = tap.positions
+            self._positions = new if self._positions is None else tuple(
+                torch.cat([old, p], dim=-2) for old, p in zip(self._positions, new))
         per_layer = {}
         if self.layers:
             lm_head = self.lm_head()
@@ -467,7 +608,7 @@ class VerbalizerTap:
                 if self._attends:
                     h = hidden[k] if k not in self._history else torch.cat([self._history[k], hidden[k]], dim=1)
                     self._history[k] = h
-                    per_layer[k] = lm_head(head(h, self._mask)[:, -1])
+                    per_layer[k] = lm_head(head(h, self._mask, self._positions)[:, -1])
                 else:
                     per_layer[k] = lm_head(head(hidden[k][:, -1:])[:, -1])
         return out.logits[:, -1], per_layer

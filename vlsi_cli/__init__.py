@@ -78,6 +78,9 @@ def data():
 @click.option("--n", "n", default=SynthConfig.n, show_default=True, help="Training samples; val/test/compositional get n/10 each unless --n-eval.")
 @click.option("--seed", default=SynthConfig.seed, show_default=True, help="Same seed and options give the same bytes.")
 @click.option("--n-eval", type=int, default=None, help="Samples in each of val, test and compositional.")
+@click.option("--n-pool", default=SynthConfig.n_pool, show_default=True,
+              help="Also a 'pool' split of this many unlabelled-use images, none equal to a train image "
+                   "(for teacher-labelled distillation); the other splits are the same bytes whatever it is.")
 @click.option("--image-size", default=SynthConfig.image_size, show_default=True, help="Square image side in pixels (a multiple of 28 for Qwen2-VL).")
 @click.option("--grid", default=SynthConfig.grid, show_default=True, help="Objects sit on a grid x grid layout.")
 @click.option("--min-objects", default=SynthConfig.min_objects, show_default=True, help="Fewest objects per image.")
@@ -90,7 +93,7 @@ def data():
 @click.option("--no-mc", is_flag=True, help="Skip the multiple-choice TSV files.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--list-families", is_flag=True, help="Print the question families and exit.")
-def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects, families, reasoning, dots,
+def data_synth(out, n, seed, n_eval, n_pool, image_size, grid, min_objects, max_objects, families, reasoning, dots,
                qa_per_image, background, no_mc, overwrite, list_families):
     """Generate the synthetic visual-QA dataset (LLaVA JSON + PNGs + VLMEvalKit TSV)."""
     from vlsi.data.synth import FAMILIES, SynthConfig, generate
@@ -99,7 +102,7 @@ def data_synth(out, n, seed, n_eval, image_size, grid, min_objects, max_objects,
         click.echo("\n".join(FAMILIES))
         return
     fams = tuple(f.strip() for f in families.split(",")) if families else None
-    cfg = SynthConfig(n=n, seed=seed, n_eval=n_eval, image_size=image_size, grid=grid, min_objects=min_objects,
+    cfg = SynthConfig(n=n, seed=seed, n_eval=n_eval, n_pool=n_pool, image_size=image_size, grid=grid, min_objects=min_objects,
                       max_objects=max_objects, families=fams, reasoning=reasoning, dots=dots,
                       qa_per_image=qa_per_image, background=background, mc=not no_mc)
     stats = generate(out, cfg, overwrite=overwrite)
@@ -155,7 +158,7 @@ def train_run(config_path, resume, overrides):
 
 _jobs_option = click.option(
     "--jobs", type=click.IntRange(min=1), default=None,
-    help="Training processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
+    help="Training and evaluation processes run side by side, one torch thread each (default: 2 with >= 2 CPU cores).")
 
 
 @train_group.command("ablate")

@@ -46,8 +46,6 @@ def read_grid(path) -> list[dict]:
 def ablate(grid, out, seeds: int = 3, recipe=None, progress: bool = True, jobs: int | None = None) -> dict:
     """Run every variant of ``grid`` for ``seeds`` seeds (on ``jobs`` processes); returns and
     writes the table."""
-    from vlsi.eval import evaluate
-
     from .quickstart import Recipe, Run, default_jobs, run_parallel
 
     variants = read_grid(grid)
@@ -58,11 +56,12 @@ def ablate(grid, out, seeds: int = 3, recipe=None, progress: bool = True, jobs: 
     calls = [(run, "distil", (prepared, f"ablate/{_slug(v['name'])}/seed{s}", dict(v.get("interact") or {}), s))
              for v, s in todo]
     ckpts = run_parallel(calls, jobs, progress, desc="ablation runs")
+    evals = [(v, split, ckpt) for (v, _), (ckpt, _) in zip(todo, ckpts) for split in ("test", "compositional")]
+    reports = run_parallel([(run, "evaluate_one", (ckpt, prepared["data"] / f"{split}.json", False, None))
+                            for _, split, ckpt in evals], jobs, progress, desc="ablation evaluations")
     results = {}
-    for (v, _), (ckpt, _) in zip(todo, ckpts):
-        for split in ("test", "compositional"):
-            rep = evaluate(ckpt, prepared["data"] / f"{split}.json", progress=False)
-            results.setdefault(v["name"], {}).setdefault(split, []).append(rep["accuracy"])
+    for (v, split, _), (rep, _) in zip(evals, reports):
+        results.setdefault(v["name"], {}).setdefault(split, []).append(rep["accuracy"])
     lines = ["| variant | test | compositional |", "| --- | --- | --- |"]
     summary = {}
     for v in variants:

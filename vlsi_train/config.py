@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from vlsi.errors import ConfigError
 
@@ -47,9 +47,24 @@ class VerbalizerSpec:
     target_layers: str = "1::2"
     """Target layers: 'start::step' (1-based, before the last layer) or '2,6,10'."""
     arch: Literal["verb_ffn", "ffn", "mlp", "decoder_block"] = "verb_ffn"
-    """Head variant (paper Table 4)."""
+    """Head variant (paper Table 4(f)): verb_ffn (gated FFN, hidden -> hidden), ffn (gated FFN
+    at the backbone's intermediate width), mlp (one hidden x hidden projection), decoder_block
+    (one decoder layer of the backbone's own class)."""
     depth: int = 1
     """1 (x1) or 2 (x2) blocks per head."""
+    sizes: Literal["paper", "legacy"] = "paper"
+    """paper: ffn / mlp / decoder_block at the sizes of the paper's Table 4(f); legacy: the
+    smaller stand-ins vlsi built before (ffn at 4 x hidden, mlp as two linears, decoder_block as
+    full-width attention without rotary positions plus a verb-FFN), to compare with old runs."""
+
+
+Freezable = Literal["lm_head", "embed_tokens", "vision_tower", "projector"]
+"""Student parts ``interact.freeze`` can keep fixed (found through the architecture's adapter)."""
+FREEZABLE: tuple[str, ...] = get_args(Freezable)
+
+WINDOWED = ("multinomial", "random_in_window", "uniform_span_in_window", "bottomk_pick_in_window")
+"""Matchings that draw from Algorithm 1's candidate window (search range, order preservation);
+the paper's random, uniform and bottom-k variants look at every teacher target layer."""
 
 
 @dataclass(frozen=True)
@@ -59,16 +74,26 @@ class InteractConfig:
     argmax tokens, L2 on centred logits, or none."""
     last_op: Literal["kld", "ce", "none"] = "kld"
     """Loss between the final heads."""
-    matching: Literal["multinomial", "random", "uniform", "bottomk"] = "multinomial"
-    """How a student layer picks its teacher layer."""
+    matching: Literal["multinomial", "random", "uniform", "bottomk", "random_in_window",
+                      "uniform_span_in_window", "bottomk_pick_in_window"] = "multinomial"
+    """How a student layer picks its teacher layer(s). multinomial: Algorithm 1 (sampled from
+    softmax(-d / T) inside the candidate window). The paper's Table 4(e) rows, as Appendix D
+    defines them, over all tl teacher targets (no search range, no order; the two toggles below
+    do not apply): random: one teacher target drawn uniformly; uniform: teacher target
+    i * floor(tl / ts) for student target i (0-based); bottomk: the loss is the average of the
+    k smallest divergences. The project's earlier variants, drawn inside the candidate window:
+    random_in_window (uniform over the candidates), uniform_span_in_window (round(i (tl-1) /
+    (ts-1)), snapped into the window), bottomk_pick_in_window (one of the k closest candidates,
+    uniformly)."""
     bottom_k: int = 1
-    """With matching=bottomk: choose uniformly among the k closest teacher layers."""
+    """k of matching=bottomk (average of the k smallest) and bottomk_pick_in_window."""
     search_range: bool = True
-    """Candidates stop at tl - ts + i, leaving room for the later student layers."""
+    """Candidates stop at tl - ts + i, leaving room for the later student layers (windowed
+    matchings only)."""
     order_preservation: bool = True
-    """Candidates start after the previous match."""
+    """Candidates start after the previous match (windowed matchings only)."""
     adaptive_temperature: bool = True
-    """T = (max d - min d) / scale + eps; off: T = 1."""
+    """T = (max d - min d) / scale + eps; off: T = 1 (multinomial only)."""
     temperature_scale: float = 2.0
     """The paper's scale in the adaptive temperature."""
     eps: float = 1e-6
@@ -79,10 +104,34 @@ class InteractConfig:
     """Softmax temperature of the distributions compared (loss scaled by T^2)."""
     intermediate_weight: float = 1.0
     """Weight of the summed intermediate terms against the last-layer term."""
-    train_student_verbalizers: bool = True
-    """Keep updating the student's verbalizer heads during interaction."""
+    freeze: tuple[Freezable, ...] = ("lm_head", "embed_tokens")
+    """Student parts kept fixed in interaction with full fine-tuning (lora.enabled=false); with
+    LoRA every base weight is fixed anyway. Default lm_head and embed_tokens, as in the paper:
+    its interaction trains LoRA on the LLM only, and it trains the word embeddings and the
+    language head in the SFT step (section 3.3). The head is the one every verbalizer reads, so
+    a trainable head lets the intermediate terms reshape the output instead of the layers.
+    [] trains the whole student (the project's behaviour before issue 15); vision_tower and
+    projector can be added (the paper's LoRA leaves them fixed too). With tied embeddings,
+    freezing either freezes the shared tensor."""
+    train_student_verbalizers: bool = False
+    """Whether the student's verbalizer heads (fitted in the verbalize step) keep training in
+    interaction. Default false: the paper (section 4.4) says the small model's verbalizer "is
+    not re-trained but just utilized", so the intermediate terms must move the backbone; true
+    is the other reading (Figure 2(b) read as "updating only the verbalizers and LoRA
+    parameters", as a CVPR paper note has it), and the project's behaviour before issue 15."""
     chunk_tokens: int = 4096
     """Answer tokens per chunk when computing vocabulary distributions (memory bound)."""
+
+    def check(self):
+        if self.bottom_k < 1:
+            raise ConfigError(f"interact.bottom_k={self.bottom_k} must be >= 1")
+        if len(set(self.freeze)) != len(self.freeze):
+            raise ConfigError(f"interact.freeze={list(self.freeze)} names a part twice")
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the matching draws from Algorithm 1's candidate window."""
+        return self.matching in WINDOWED
 
 
 @dataclass(frozen=True)

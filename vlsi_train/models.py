@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
-
 from vlsi.archs import get_adapter
 from vlsi.checkpoint import Checkpoint, load_checkpoint
 from vlsi.errors import ConfigError
 from vlsi.verbalizer import VerbalizerConfig, Verbalizers, parse_target_layers
 
-from .config import TrainConfig
+from .config import FREEZABLE, TrainConfig
 
 
 def load_student(cfg: TrainConfig, device) -> Checkpoint:
@@ -30,9 +28,22 @@ def ensure_verbalizers(ck: Checkpoint, spec) -> Verbalizers:
     if ck.verbalizers is not None:
         return ck.verbalizers
     n = get_adapter(ck.model).text_sizes(ck.model.config).num_layers
-    cfg = VerbalizerConfig(parse_target_layers(spec.target_layers, n), arch=spec.arch, depth=spec.depth)
+    cfg = VerbalizerConfig(parse_target_layers(spec.target_layers, n), arch=spec.arch, depth=spec.depth,
+                           sizes=spec.sizes)
     ck.verbalizers = Verbalizers.for_model(ck.model, cfg)
     return ck.verbalizers
+
+
+def freeze_parts(model, parts) -> None:
+    """Fix the named student parts (``interact.freeze``: lm_head, embed_tokens, vision_tower,
+    projector): ``requires_grad`` off, so no optimiser holds them and DDP expects no gradient."""
+    ad = get_adapter(model)
+    where = {"lm_head": ad.lm_head, "embed_tokens": ad.embed_tokens, "vision_tower": ad.vision_tower,
+             "projector": ad.projector}
+    for part in parts:
+        if part not in where:
+            raise ConfigError(f"interact.freeze names {part!r}; allowed: {', '.join(FREEZABLE)}")
+        where[part](model).requires_grad_(False)
 
 
 def check_pair(student: Checkpoint, teacher: Checkpoint) -> None:

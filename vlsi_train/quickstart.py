@@ -2,13 +2,16 @@
 
 1. draw the synthetic data;
 2. train the teacher on every label (cached between runs, keyed by recipe and code version);
-3. train the student baseline on a small labelled subset (the data-limited student);
-4. the teacher answers a larger pool of images (what every distillation method sees);
+3. train the student baseline on a small labelled subset of the teacher's training data
+   (ground truth; the data-limited student);
+4. the teacher answers a larger pool of images it never trained on (what every distillation
+   method sees: synth's pool split, no image byte-equal to a train image);
 5. verbalize teacher and student (heads only, backbones frozen);
 6. from the same student baseline, give each method the same number of extra steps on the
    same images: SFT on the labels (equal compute), sequence-level KD (SFT on the teacher's
    answers), final-layer KD (+ the same SFT tail), and VLsI (interact + SFT tail);
-7. evaluate everything on test and the compositional split, per-layer verbalizers included.
+7. evaluate everything on test and the compositional split, per-layer verbalizers included
+   (VLsI's heads refitted to its final weights first: a short frozen-backbone verbalize pass).
 """
 
 from __future__ import annotations
@@ -56,12 +59,21 @@ class Recipe:
     from the 1,500-step one (same teacher answers)."""
     pool: int = 3000
     """Images the teacher answers; every distillation method sees exactly these."""
+    fresh_pool: bool = True
+    """The pool's images are ones the teacher never trained on: synth's ``pool`` split (drawn
+    like train, none byte-equal to a train image), as the paper distils on data apart from
+    the teacher's. False: the first ``pool`` train images, the teacher's own (the design before
+    issue 15). The student's ``student_labels`` are the first train records either way."""
     extra_steps: int = 800
     """Steps every compared method gets on top of the student baseline."""
     sft_tail: float = 0.75
     """Fraction of extra_steps VLsI (and final-layer KD) spend in the SFT tail (0.75: 200
     interact + 600 SFT steps; with 0.5 VLsI reached 0.82 on test against 0.87, seed 0)."""
     verbalize_steps: int = 300
+    refit_steps: int = 100
+    """Frozen-backbone verbalize steps (on the pool) that refit VLsI's heads to its final,
+    post-SFT weights before its per-layer accuracies are read: SFT carries the heads over
+    untouched, so unrefitted they under-state what the layers know. 0: read the carried heads."""
     teacher_targets: str = "1,2,3"
     student_targets: str = "2,3"
     """Fewer student than teacher targets, so the adaptive matching has a choice."""
@@ -175,12 +187,17 @@ class Run:
 
     # -------------------------------------------------------------- pieces
     def data(self) -> Path:
+        """The synthetic splits, with a ``pool`` split of ``pool`` fresh images when
+        ``fresh_pool`` (train and the other splits are the same bytes either way, so the cached
+        teacher stays valid)."""
         from vlsi.data.synth import SynthConfig, generate
 
         d = self.out / "data"
-        if not (d / "meta.json").is_file():
-            generate(d, SynthConfig(**{**self.r.synth, "seed": self.r.data_seed}), progress=self.progress,
-                     overwrite=True)
+        n_pool = self.r.pool if self.r.fresh_pool else 0
+        meta = d / "meta.json"
+        if not meta.is_file() or json.loads(meta.read_text())["counts"].get("pool", 0) != n_pool:
+            generate(d, SynthConfig(**{**self.r.synth, "seed": self.r.data_seed, "n_pool": n_pool}),
+                     progress=self.progress, overwrite=True)
         return d
 
     def teacher(self, data: Path) -> Path:
@@ -192,6 +209,29 @@ class Run:
                     steps=r.teacher_steps, optim={"lr": r.teacher_lr, "min_lr": r.teacher_lr / 100})
         return cached
 
+    def pool_images(self, data: Path) -> Path:
+        """The records whose images the teacher answers: the fresh pool split, or (without
+        ``fresh_pool``) the teacher's own train split, of which the first ``pool`` are used."""
+        return data / ("pool.json" if self.r.fresh_pool else "train.json")
+
+    def teacher_answers(self, teacher: Path, data: Path) -> Path:
+        """The teacher-labelled pool (``pool_teacher.json``), checked to hold no image the teacher
+        trained on when ``fresh_pool`` (a file left by an older recipe would)."""
+        from vlsi.errors import ConfigError
+
+        from .teacher_labels import label_with_teacher, shared_images
+
+        pool = self.out / "pool_teacher.json"
+        if not pool.is_file():
+            label_with_teacher(teacher, self.pool_images(data), pool, limit=self.r.pool, progress=self.progress)
+        if self.r.fresh_pool:
+            seen = shared_images(pool, data / "train.json")
+            if seen:
+                raise ConfigError(f"{pool} holds {len(seen)} images of the teacher's train split (e.g. {seen[0]}), "
+                                  "but the recipe asks for a fresh pool (fresh_pool), and every later stage learnt "
+                                  f"from it: use a new --out folder, or delete {self.out} to rerun")
+        return pool
+
     def prepare(self) -> dict:
         """Data, teacher, student baseline, the teacher's answers on the pool, verbalized models."""
         r, o = self.r, self.out
@@ -201,15 +241,7 @@ class Run:
         student = self._timed("student", lambda: self._train(
             o / "student", stage="pretrain", model=r.student, data=train_json, limit=r.student_labels,
             steps=r.student_steps))
-        pool = o / "pool_teacher.json"
-
-        def label():
-            from .teacher_labels import label_with_teacher
-
-            if not pool.is_file():
-                label_with_teacher(teacher, train_json, pool, limit=r.pool, progress=self.progress)
-
-        self._timed("teacher_answers", label)
+        pool = self._timed("teacher_answers", lambda: self.teacher_answers(teacher, data))
         tv = self._timed("verbalize_teacher", lambda: self._train(
             o / "teacher_verb", stage="verbalize", model=str(teacher), data=str(pool), steps=r.verbalize_steps,
             verbalizer={"target_layers": r.teacher_targets}))
@@ -217,6 +249,13 @@ class Run:
             o / "student_verb", stage="verbalize", model=str(student), data=str(pool), steps=r.verbalize_steps,
             verbalizer={"target_layers": r.student_targets}))
         return {"data": data, "teacher": tv, "student": sv, "pool": pool}
+
+    def refit_heads(self, model: Path, pool: Path) -> Path:
+        """``model`` with its verbalizer heads refitted to its final weights: ``refit_steps`` of
+        the verbalize stage (backbone frozen, so the model's own answers are unchanged), from
+        the heads it carries. Written beside it as ``<name>_refit``."""
+        return self._train(model.parent / f"{model.name}_refit", stage="verbalize", model=str(model), data=str(pool),
+                           steps=self.r.refit_steps, verbalizer={"target_layers": self.r.student_targets})
 
     def distil(self, p: dict, name: str, interact: dict, seed: int | None = None) -> Path:
         """Interact (with these interact options) then the SFT tail, from the verbalized student."""
@@ -254,19 +293,45 @@ class Run:
         return {**p, **{n: path for n, (path, _) in zip(names, methods)}}
 
     def evaluate(self, paths: dict) -> dict:
-        from vlsi.eval import evaluate
-
-        res = {}
+        """Accuracy of every method on test and compositional; per-layer verbalizer accuracy on
+        test for the teacher and student (heads fitted in their verbalize step) and VLsI (heads
+        refitted to its final weights, unless ``refit_steps`` is 0). The evaluations are
+        independent: they run ``procs`` at a time, as the compared methods do."""
+        refit = self.r.refit_steps > 0
+        heads = {"teacher": paths["teacher"], "student": paths["student"],
+                 "vlsi": self._timed("refit_heads", lambda: self.refit_heads(paths["vlsi"], paths["pool"]))
+                 if refit else paths["vlsi"]}
+        res: dict = {"per_layer_verbalizer_heads": {
+            "teacher": "fitted in the verbalize step", "student": "fitted in the verbalize step",
+            "vlsi": (f"refitted to the final weights ({self.r.refit_steps} frozen-backbone verbalize steps on the "
+                     "pool after SFT)") if refit else "carried through interaction and SFT, not refitted"}}
+        jobs = []  # (method, split, what it reads, model, verbalize, report file)
         for split in ("test", "compositional"):
             data = paths["data"] / f"{split}.json"
-            for name in ("teacher", "student", "sft_equal_compute", "seq_kd", "final_layer_kd", "vlsi"):
-                verbalize = name in ("vlsi", "teacher", "student") and split == "test"
-                rep = evaluate(paths[name], data, verbalize=verbalize, progress=False,
-                               out=self.out / "eval" / f"{name}_{split}.json")
+            for name in METHODS:
+                own_heads = split == "test" and heads.get(name) == paths[name]
+                jobs.append((name, split, "acc+layers" if own_heads else "acc", paths[name], data, own_heads,
+                             self.out / "eval" / f"{name}_{split}.json"))
+                if split == "test" and name in heads and not own_heads:  # the refitted heads on the same backbone
+                    jobs.append((name, split, "layers", heads[name], data, True,
+                                 self.out / "eval" / f"{name}_refit_{split}.json"))
+        reports = self._timed("evaluate", lambda: run_parallel(
+            [(self, "evaluate_one", (model, data, verb, out)) for *_, model, data, verb, out in jobs], self.procs,
+            self.progress, desc=f"seed {self.seed}: {len(jobs)} evaluations"))
+        for (name, split, reads, *_), (rep, _) in zip(jobs, reports):
+            if "acc" in reads:
                 res.setdefault(f"{name}_acc", {})[split] = rep["accuracy"]
-                if verbalize:
-                    res.setdefault("per_layer_verbalizer_acc", {})[name] = rep["per_layer_accuracy"]
+            if "layers" in reads:
+                res.setdefault("per_layer_verbalizer_acc", {})[name] = rep["per_layer_accuracy"]
         return res
+
+    @staticmethod
+    def evaluate_one(model: Path, data: Path, verbalize: bool, out: Path | None) -> dict:
+        """One evaluation (its report written to ``out`` when given); returns accuracy and per-layer accuracy."""
+        from vlsi.eval import evaluate
+
+        rep = evaluate(model, data, verbalize=verbalize, progress=False, out=out)
+        return {"accuracy": rep["accuracy"], "per_layer_accuracy": rep.get("per_layer_accuracy")}
 
 
 def default_jobs() -> int:
@@ -328,7 +393,7 @@ def run_parallel(calls: list[tuple], jobs: int, progress: bool = True, desc: str
 def quickstart(out, seed: int = 0, seeds: int = 1, recipe: Recipe | None = None, progress: bool = True,
                jobs: int | None = None) -> dict:
     """Run the quickstart for ``seeds`` seeds (from ``seed``); writes ``out/report.json``.
-    ``jobs``: processes for the four compared methods (default: :func:`default_jobs`)."""
+    ``jobs``: processes for the four compared methods and the evaluations (default: :func:`default_jobs`)."""
     jobs = default_jobs() if jobs is None else jobs
     recipe = recipe or Recipe()
     t0 = time.time()
@@ -365,6 +430,7 @@ def _aggregate(runs: list[dict]) -> dict:
     agg["per_layer_verbalizer_acc"] = {
         m: {k: statistics.mean(r["per_layer_verbalizer_acc"][m][k] for r in runs) for k in layers[m]} for m in layers
     }
+    agg["per_layer_verbalizer_heads"] = runs[0].get("per_layer_verbalizer_heads", {})
     return agg
 
 
@@ -381,7 +447,9 @@ def table(report: dict) -> str:
     t, s, v = (report[f"{m}_acc"]["test"] for m in ("teacher", "student", "vlsi"))
     if t > s:
         lines.append(f"\nVLsI closes {(v - s) / (t - s):.0%} of the teacher-student gap on test.")
+    notes = report.get("per_layer_verbalizer_heads", {})
     for m, layers in report.get("per_layer_verbalizer_acc", {}).items():
-        lines.append(f"{m} per-layer verbalizer accuracy (test): "
+        how = f"; heads {notes[m]}" if m in notes else ""
+        lines.append(f"{m} per-layer verbalizer accuracy (test{how}): "
                      + ", ".join(f"L{k} {a:.2f}" for k, a in sorted(layers.items(), key=lambda x: int(x[0]))))
     return "\n".join(lines)

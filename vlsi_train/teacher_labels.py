@@ -3,6 +3,7 @@ answers replace the references (images and questions unchanged)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,3 +59,18 @@ def label_with_teacher(teacher_dir, data_path, out_path, batch_size: int = 32, m
             item["image"] = str((base / item["image"]).resolve())
     atomic_write_text(out_path, json.dumps(out_items, indent=0) + "\n")
     return out_path
+
+
+def shared_images(data_path, other_path) -> list[str]:
+    """Ids of the records of ``data_path`` holding an image byte-equal to one of ``other_path``'s
+    (any format :func:`~vlsi.data.loaders.load_records` reads): whether a pool is fresh."""
+    from vlsi.data.loaders import load_records
+
+    def digest(ref) -> bytes:
+        return hashlib.sha256(ref if isinstance(ref, bytes) else Path(ref).read_bytes()).digest()
+
+    def records(path):  # bytes compared, not decoded
+        return load_records(path, check_images=False)[0]
+
+    seen = {digest(ref) for r in records(other_path) for ref in r.images}
+    return [r.id for r in records(data_path) if any(digest(ref) in seen for ref in r.images)]

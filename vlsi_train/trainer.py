@@ -29,7 +29,7 @@ from . import plots
 from .config import TrainConfig
 from .data import BatchPlan
 from .matching import match_layers
-from .models import add_lora, check_pair, ensure_verbalizers, load_student
+from .models import add_lora, check_pair, ensure_verbalizers, freeze_parts, load_student
 from .state import load_state, run_dir, save_state
 
 
@@ -95,7 +95,10 @@ class Trainer:
             self.teacher.verbalizers.eval().requires_grad_(False)
         verb = self.student.verbalizers
         # what trains in each stage
-        model.requires_grad_(stage in ("pretrain", "sft") or (stage == "interact" and not cfg.lora.enabled))
+        full_ft_interact = stage == "interact" and not cfg.lora.enabled
+        model.requires_grad_(stage in ("pretrain", "sft") or full_ft_interact)
+        if full_ft_interact:
+            freeze_parts(model, cfg.interact.freeze)  # frozen, not merely unused: DDP skips them
         if verb is not None:
             verb.requires_grad_(stage == "verbalize" or (stage == "interact" and self._student_heads_in_loss
                                                          and cfg.interact.train_student_verbalizers))
@@ -114,7 +117,8 @@ class Trainer:
         self.wrapped = self._wrap(self.module)
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
-            raise ConfigError(f"stage={stage}: nothing to train (check lora.enabled / interact.train_student_verbalizers)")
+            raise ConfigError(f"stage={stage}: nothing to train (check lora.enabled, interact.freeze and "
+                              "interact.train_student_verbalizers)")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
         self.total_steps = max(1, round(cfg.steps * (cfg.sft_fraction if stage == "sft" else 1.0)))

@@ -7,7 +7,8 @@ Usage::
 
 writes ``images/{split}_{idx:06d}.png``, ``{split}.json`` (LLaVA conversations plus the scene:
 ``objects``, ``target``), ``{split}.tsv`` (VLMEvalKit multiple choice) and ``meta.json`` for
-the splits ``train``, ``val``, ``test`` and ``compositional``.
+the splits ``train``, ``val``, ``test`` and ``compositional``, and ``pool`` when ``n_pool`` asks
+for one (fresh train-distribution images, none equal to a train image).
 
 Determinism: every record has its own ``random.Random`` seeded from (seed, split, index), so
 the same config gives the same bytes in every file, and a larger ``n`` only appends records.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import json
 import math
 import os
@@ -44,7 +46,7 @@ from vlsi.errors import ConfigError
 
 __all__ = [
     "FAMILIES", "SPLITS", "COLOURS", "SHAPES", "SIZES", "STYLES", "POSITIONS", "POSITION_NAMES",
-    "RELATIONS", "VOCAB_VERSION", "MC_INSTRUCTION", "SynthConfig", "SynthStats", "generate",
+    "RELATIONS", "VOCAB_VERSION", "MC_INSTRUCTION", "POOL_SPLIT", "SynthConfig", "SynthStats", "generate",
     "corpus_texts", "held_out_combos", "mc_prompt",
 ]
 
@@ -53,6 +55,8 @@ FAMILIES: tuple[str, ...] = (
     "colour", "shape", "count", "position", "relation", "exists", "describe", "sequence",
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
+#: The optional split of fresh images (``SynthConfig.n_pool``), written after the others.
+POOL_SPLIT = "pool"
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three")
 #: Bump when any word, template or drawing changes: tokenizers and checkpoints depend on it.
@@ -99,6 +103,11 @@ class SynthConfig:
     dots: bool = False
     """Draw 0-3 dots inside grid-scene objects (and ask ``count`` questions about them).
     ``sequence`` images always use dots."""
+    n_pool: int = 0
+    """Samples in a ``pool`` split: scenes and questions drawn as for train, from their own
+    per-record seeds, and redrawn until no image is byte-equal to a train image. Images a
+    model trained on ``train`` never saw (the teacher-labelled pool of distillation). 0: no
+    pool split. The other splits are the same bytes whatever ``n_pool`` is."""
 
     def __post_init__(self) -> None:
         def bad(key, value, allowed):
@@ -107,7 +116,7 @@ class SynthConfig:
         def set_(key, value):
             object.__setattr__(self, key, value)
 
-        for key, lo, hi in (("n", 1, None), ("image_size", 28, 1024), ("grid", 2, 4),
+        for key, lo, hi in (("n", 1, None), ("image_size", 28, 1024), ("grid", 2, 4), ("n_pool", 0, None),
                             ("qa_per_image", 1, 8), ("min_objects", 1, None), ("max_objects", 1, None)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
@@ -161,7 +170,10 @@ class SynthConfig:
 
     def split_sizes(self) -> dict[str, int]:
         m = max(20, self.n // 10) if self.n_eval is None else self.n_eval
-        return {"train": self.n, "val": m, "test": m, "compositional": m}
+        sizes = {"train": self.n, "val": m, "test": m, "compositional": m}
+        if self.n_pool:
+            sizes[POOL_SPLIT] = self.n_pool
+        return sizes
 
 
 def _parse_background(bg) -> tuple[int, int, int]:
@@ -505,9 +517,10 @@ def _scene(rng: random.Random, ctx: _Ctx, family: str, comp: bool) -> list[Obj]:
 
 
 def _make_sample(ctx: _Ctx, split: str, idx: int, want_yes: bool,
-                 family: str | None = None) -> _Sample:
+                 family: str | None = None, redraw: int = 0) -> _Sample:
+    """Record ``idx`` of ``split``; ``redraw`` > 0 draws it again from another seed."""
     cfg = ctx.cfg
-    rng = random.Random(f"vlsi-synth/{cfg.seed}/{split}/{idx}")
+    rng = random.Random(f"vlsi-synth/{cfg.seed}/{split}/{idx}" + (f"/redraw{redraw}" if redraw else ""))
     fams = cfg.active_families
     if family is None:
         family = rng.choices(fams, weights=ctx.weights)[0]
@@ -527,7 +540,7 @@ def _make_sample(ctx: _Ctx, split: str, idx: int, want_yes: bool,
     qas = [qa]
     extra_fams = [f for f in fams if f != "sequence"]
     if cfg.qa_per_image > 1 and extra_fams:
-        xr = random.Random(f"vlsi-synth/{cfg.seed}/{split}/{idx}/extra")
+        xr = random.Random(f"vlsi-synth/{cfg.seed}/{split}/{idx}" + (f"/redraw{redraw}" if redraw else "") + "/extra")
         xw = [cfg.weight(f) for f in extra_fams]
         everything = list(range(len(objs)))
         for _ in range(cfg.qa_per_image - 1):
@@ -584,9 +597,32 @@ class SynthStats:
         return asdict(self)
 
 
-def _write_split(root: Path, split: str, size: int, ctx: _Ctx, bar) -> Counter:
+MAX_REDRAWS = 1000
+"""Draws of one pool record before giving up on an image unlike every train image."""
+
+
+def _draw(ctx: _Ctx, split: str, idx: int, want_yes: bool, avoid: set[str] | None) -> tuple[_Sample, bytes]:
+    """Record ``idx`` and its PNG; with ``avoid`` (sha256 of images to stay unlike), redrawn
+    until its image is none of them."""
     cfg = ctx.cfg
-    records, fam_counts = [], Counter()
+    for redraw in range(MAX_REDRAWS):
+        s = _make_sample(ctx, split, idx, want_yes, redraw=redraw)
+        if s.family == "sequence":
+            img = render_sequence(s.objects, cfg.image_size, cfg.background)
+        else:
+            img = render_grid(s.objects, cfg.image_size, cfg.grid, cfg.background)
+        png = png_bytes(img)
+        if avoid is None or hashlib.sha256(png).hexdigest() not in avoid:
+            return s, png
+    raise ConfigError(f"synth option n_pool: {split} sample {idx} came out equal to a train image {MAX_REDRAWS} "
+                      "times; the scene space is too small for a fresh pool (raise grid or image_size)")
+
+
+def _write_split(root: Path, split: str, size: int, ctx: _Ctx, bar,
+                 avoid: set[str] | None = None) -> tuple[Counter, set[str]]:
+    """Write ``split``; -> its family counts and the sha256 of its images."""
+    cfg = ctx.cfg
+    records, fam_counts, hashes = [], Counter(), set()
     tsv = open(root / f"{split}.tsv", "w", newline="", encoding="utf-8") if cfg.mc else None
     try:
         writer = csv.writer(tsv, delimiter="\t", lineterminator="\n") if tsv else None
@@ -594,13 +630,9 @@ def _write_split(root: Path, split: str, size: int, ctx: _Ctx, bar) -> Counter:
             writer.writerow(["index", "image", "question", *MC_LETTERS, "answer", "category"])
         for idx in range(size):
             want_yes = fam_counts["exists"] % 2 == 0  # exact yes/no balance within a split
-            s = _make_sample(ctx, split, idx, want_yes)
+            s, png = _draw(ctx, split, idx, want_yes, avoid)
             fam_counts[s.family] += 1
-            if s.family == "sequence":
-                img = render_sequence(s.objects, cfg.image_size, cfg.background)
-            else:
-                img = render_grid(s.objects, cfg.image_size, cfg.grid, cfg.background)
-            png = png_bytes(img)
+            hashes.add(hashlib.sha256(png).hexdigest())
             name = f"images/{split}_{idx:06d}.png"
             (root / name).write_bytes(png)
             conv = []
@@ -626,7 +658,7 @@ def _write_split(root: Path, split: str, size: int, ctx: _Ctx, bar) -> Counter:
     with open(root / f"{split}.json", "w", encoding="utf-8") as f:
         json.dump(records, f, indent=1)
         f.write("\n")
-    return fam_counts
+    return fam_counts, hashes
 
 
 def generate(out_dir, cfg: SynthConfig | None = None, *, progress: bool = True,
@@ -653,8 +685,12 @@ def generate(out_dir, cfg: SynthConfig | None = None, *, progress: bool = True,
         (tmp / "images").mkdir()
         fams = {}
         with tqdm(total=sum(sizes.values()), disable=not progress, desc="synth", unit="img") as bar:
-            for split in SPLITS:
-                c = _write_split(tmp, split, sizes[split], ctx, bar)
+            train_images: set[str] = set()
+            for split in sizes:  # the four SPLITS, then the pool (unlike every train image)
+                c, hashes = _write_split(tmp, split, sizes[split], ctx, bar,
+                                         avoid=train_images if split == POOL_SPLIT else None)
+                if split == "train":
+                    train_images = hashes
                 fams[split] = {f: c[f] for f in FAMILIES if c[f]}
         meta = {
             "generator": "vlsi.data.synth", "vocab_version": VOCAB_VERSION,
