@@ -363,15 +363,35 @@ class SpecRuntime(Runtime):
 
     def _fill(self, prompt: Prompt, state: dict, start: int):
         """Prefill ``prompt.ids[start:]`` after the ``start`` positions ``state`` holds; only the
-        images that lie there are encoded."""
+        images that lie there are encoded. ``state["tops"]`` keeps the running largest position
+        of the prompt fed (decoded tokens go on by one from its last), so that a follow-up of
+        text only takes its positions from there (:meth:`~vlsi.archs.spec.ArchSpec.text_positions`)
+        instead of computing the whole prompt's."""
         ids = np.asarray([prompt.ids], dtype=np.int64)
-        pos = self.spec.positions(ids, prompt.images, self.model)  # the whole prompt's, then the new part
-        embeds = self._embed_tokens(ids[:, start:])
         new = [k for k, (first, _) in enumerate(prompt.spans) if first >= start]
+        if start and not new:
+            kept = self._tops(state, start)
+            pos = self.spec.text_positions(int(kept[-1]) + 1, ids.shape[1] - start)
+            tops = np.concatenate([kept, pos[0, 0]])
+        else:
+            whole = self.spec.positions(ids, prompt.images, self.model)
+            pos = whole[..., start:]  # the whole prompt's, then the new part
+            tops = np.maximum.accumulate(whole.max(axis=0)[0])
+        embeds = self._embed_tokens(ids[:, start:])
         if new:
             embeds[0, ids[0, start:] == self.image_token_id] = self._new_image_features(prompt, new)
-        state["next_pos"] = int(pos.max()) + 1
-        return state, self._forward(state, embeds, pos[..., start:])
+        state["tops"] = tops
+        state["next_pos"] = int(tops[-1]) + 1
+        return state, self._forward(state, embeds, pos)
+
+    @staticmethod
+    def _tops(state: dict, n: int) -> np.ndarray:
+        """The running largest position over the first ``n`` positions ``state`` holds: its
+        prompt's, then one more per decoded token."""
+        tops = state["tops"]
+        if n <= len(tops):
+            return tops[:n]
+        return np.concatenate([tops, tops[-1] + np.arange(1, n - len(tops) + 1)])
 
     def _new_image_features(self, prompt: Prompt, new: list[int]) -> np.ndarray:
         """The vision features of images ``new`` (indices into the prompt's images), in order:

@@ -129,6 +129,45 @@ def test_follow_up_reuses_the_image_and_answers_as_a_fresh_prefill(backends, ima
     assert reused == backends["torch"].generate(follow, max_new_tokens=12, reuse=False)
 
 
+def test_a_text_follow_up_is_fed_the_whole_prompts_positions(backends, images):
+    """A follow-up of text only takes its positions from the kept prefix's largest one, without
+    the whole prompt's M-RoPE; they equal the whole prompt's, after an answer and after an answer
+    cut short, and a follow-up with a new image still computes them whole."""
+    rt = backends["onnx"]
+    a, b = images
+    fed = []
+    forward = rt._forward
+    rt._forward = lambda state, embeds, pos: fed.append(np.array(pos)) or forward(state, embeds, pos)
+    try:
+        first = _conversations(a, a)["one turn"]
+        for answer_tokens in (12, 3):
+            answer = rt.generate(first, max_new_tokens=answer_tokens)
+            for turn in ("And its shape?", [{"type": "image", "image": str(b)}, {"type": "text", "text": "and this?"}]):
+                follow = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": turn}]
+                rt.generate(first, max_new_tokens=answer_tokens)
+                fed.clear()
+                gen = rt.generate(follow, max_new_tokens=2, stream=True)
+                "".join(gen)
+                prompt = rt.encode(follow)
+                whole = rt.spec.positions(np.array([prompt.ids]), prompt.images, rt.model)
+                assert gen.cached_tokens > 0
+                assert np.array_equal(fed[0], whole[..., gen.cached_tokens:]), (answer_tokens, turn)
+                assert fed[1].ravel().tolist() == [int(whole.max()) + 1] * whole.shape[0]  # decoding goes on from there
+    finally:
+        rt._forward = forward
+
+
+def test_text_positions_continue_every_architectures_scheme():
+    """The continuation rule the runtimes use is each spec's own: 1-D positions go on by one, as
+    the spec's whole-prompt positions do."""
+    from vlsi.archs import get_spec
+
+    spec = get_spec("llava_onevision")
+    ids = np.arange(20)[None]
+    whole = spec.positions(ids, None, {})
+    assert np.array_equal(spec.text_positions(int(whole[..., :7].max()) + 1, 13), whole[..., 7:])
+
+
 def test_only_new_images_are_encoded(backends, images):
     rt = backends["onnx"]
     a, b = images

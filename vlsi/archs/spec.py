@@ -84,6 +84,13 @@ class ArchSpec:
         pos = np.where(mask > 0, np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
         return np.broadcast_to(pos, (self.position_axes, *pos.shape)).copy()
 
+    def text_positions(self, first: int, count: int) -> np.ndarray:
+        """``(position_axes, 1, count)`` position ids of ``count`` text tokens after a prefix
+        whose largest position is ``first - 1``: text goes on by one from the prefix's maximum
+        on every axis (as decoding does), in 1-D RoPE and in M-RoPE after text or an image
+        alike, so a follow-up's new text needs no positions of the whole prompt."""
+        return np.broadcast_to(np.arange(first, first + count, dtype=np.int64), (self.position_axes, 1, count)).copy()
+
     # --- the manifest ----------------------------------------------------------------
     def model_block(self, config, tokenizer) -> dict:
         """The manifest's ``model`` block, from a transformers config (read by attribute only,
