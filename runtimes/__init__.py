@@ -12,6 +12,8 @@ from pathlib import Path
 
 from vlsi.errors import ConfigError
 
+from .base import Speculative  # noqa: F401  (``vlsi_runtimes.Speculative``)
+
 BACKENDS = ("auto", "torch", "onnx", "gguf", "tensorrt")
 
 

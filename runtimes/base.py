@@ -117,6 +117,38 @@ def shared_prefix(cached: list, prompt: Prompt) -> int:
     return max(n, 0)
 
 
+@dataclass(frozen=True)
+class Speculative:
+    """Self-speculative decoding: draft with the layers up to ``layer`` and that layer's
+    verbalizer head, ``tokens`` at most per cycle (stopping early when the head's top
+    probability falls below ``min_p``), verify every drafted token in one pass of the layers
+    above, keep the longest prefix the model's own head agrees with and its next token, roll
+    the rest of the KV cache back. Greedy output is the same as plain decoding's, token for
+    token, on artifacts whose passes are batch-invariant (see each backend)."""
+
+    layer: int
+    tokens: int = 4
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ConfigError(f"speculative tokens={self.tokens!r}: draft at least 1 token per cycle")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"speculative min_p={self.min_p!r} must be in [0, 1)")
+
+    @classmethod
+    def of(cls, value) -> Speculative | None:
+        """``None``, a :class:`Speculative`, or a mapping of its fields (``{"layer": 2, "tokens": 3}``)."""
+        if value is None or isinstance(value, Speculative):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"layer", "tokens", "min_p"}
+            if unknown or "layer" not in value:
+                raise ConfigError(f"speculative takes layer, tokens and min_p; got {sorted(value)}")
+            return cls(**value)
+        raise ConfigError(f"speculative must be a Speculative or a mapping, not {type(value).__name__}")
+
+
 @dataclass
 class _Entry:
     """The reusable KV state of the last decoded sequence and one key per position it holds."""
@@ -133,6 +165,11 @@ class Runtime:
     max_new_tokens_cap = 4096
     reuse = True
     """Keep the last sequence's KV cache and prefill only what a new prompt adds to it."""
+    capture_layers = True
+    """Whether a forward pass keeps what the verbalizers' logits are computed from. Decoding
+    from the model's head turns it off for its own passes only, so that a backend for which
+    keeping it costs something (llama.cpp's eval callback) pays nothing; reading a layer's
+    logits from a pass made without it is an error."""
     context_length: int | None = None
     """Positions the model's cache holds in all (prompt and answer), when the backend is bounded."""
     _entry: _Entry | None = None
@@ -242,21 +279,39 @@ class Runtime:
 
     def stream_tokens(self, images, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0,
                       top_p: float = 1.0, source: str | int = FINAL, seed: int = 0,
-                      ignore_eos: bool = False, reuse: bool | None = None, stats: dict | None = None) -> Iterator[int]:
+                      ignore_eos: bool = False, reuse: bool | None = None, stats: dict | None = None,
+                      speculative=None) -> Iterator[int]:
         """Yield new token ids, read from the model's head or a verbalizer layer's
         (``ignore_eos`` decodes exactly ``max_new_tokens``, for benchmarks). The prompt is a
         list of messages, ``(images, text)`` or a :class:`Prompt` from :meth:`encode`.
         ``stats``, when given, receives ``prompt_tokens`` and ``cached_tokens`` (the prompt
-        positions reused from the last sequence)."""
+        positions reused from the last sequence), and with ``speculative`` (a
+        :class:`Speculative` or its fields as a mapping) ``cycles``, ``drafted`` and ``accepted``."""
         self._check(max_new_tokens, temperature, top_p)
         if source != FINAL and source not in self.verbalizer_layers:
             raise ConfigError(f"layer {source} has no verbalizer here; kept: {list(self.verbalizer_layers)}")
+        spec = Speculative.of(speculative)
+        if spec is not None:
+            if source != FINAL or temperature > 0:
+                raise ConfigError("speculative decoding reads the model's own head, greedily: source='final' and "
+                                  "temperature=0 (sampling with speculation is not built yet)")
+            self._speculation_check(spec)
         rng = np.random.default_rng(seed)
         encoded = self.encode(images, prompt)
-        state, logits, cached = self._start(encoded, reuse)
+        layers = source != FINAL
+        self.capture_layers = layers
+        try:
+            state, logits, cached = self._start(encoded, reuse)
+        finally:
+            self.capture_layers = True
         if stats is not None:
             stats.update(prompt_tokens=len(encoded.ids), cached_tokens=cached)
         keys = encoded.keys()
+        if spec is not None:
+            stats = stats if stats is not None else {}
+            stats.update(cycles=0, drafted=0, accepted=0)
+            yield from self._speculate(state, logits, keys, spec, max_new_tokens, ignore_eos, stats)
+            return
         try:
             for i in range(max_new_tokens):
                 tok = self._pick(logits[source], temperature, top_p, rng)
@@ -264,7 +319,11 @@ class Runtime:
                     break
                 yield tok
                 if i + 1 < max_new_tokens:  # the last token needs no forward pass after it
-                    logits = self._step(state, tok)
+                    self.capture_layers = layers
+                    try:
+                        logits = self._step(state, tok)
+                    finally:
+                        self.capture_layers = True
                     keys.append(tok)
         except GeneratorExit:  # the consumer stopped early (a stop string, a closed stream): the state is whole
             raise
@@ -275,18 +334,112 @@ class Runtime:
             if state is not None:  # also when the consumer stops early: every fed token is in the state
                 self._keep(state, keys)
 
+    # ------------------------------------------------------------------ self-speculative decoding
+    def _speculation_check(self, spec: Speculative) -> None:
+        """Refuse ``spec`` where this runtime cannot draft that way, or not exactly."""
+        raise ConfigError(f"the {self.name} backend does not decode speculatively")
+
+    def _draft_feed(self, state, token: int):
+        """Feed ``token`` through the drafting layers only (their cache grows by one); -> what
+        the drafting layer's head and the verifying layers read (backend-specific)."""
+        raise NotImplementedError
+
+    def _draft_logits(self, drafted) -> np.ndarray:
+        """The drafting head's ``(V,)`` logits for what :meth:`_draft_feed` returned."""
+        raise NotImplementedError
+
+    def _verify(self, state, drafted: list) -> np.ndarray:
+        """One pass of the layers above the drafting layer over every position fed since the
+        last verification; -> the model's ``(n, V)`` logits, one row per position."""
+        raise NotImplementedError
+
+    def _rollback(self, state, n: int) -> None:
+        """Keep the first ``n`` positions of every layer's cache."""
+        raise NotImplementedError
+
+    def _speculate(self, state, logits, keys: list, spec: Speculative, max_new_tokens: int, ignore_eos: bool,
+                   stats: dict) -> Iterator[int]:
+        """Greedy decoding in draft-and-verify cycles. A cycle starts from the next token
+        (known, not yet fed), drafts up to ``spec.tokens`` more with the drafting layers and
+        head, verifies them all in one pass, and yields the agreeing drafts and the model's own
+        token after them, which starts the next cycle: what plain greedy decoding yields."""
+        tok = int(np.argmax(logits[FINAL]))
+        emitted = 0
+        try:
+            while True:
+                if tok in self.eos_ids and not ignore_eos:
+                    return
+                yield tok
+                emitted += 1
+                room = max_new_tokens - emitted  # tokens still to yield
+                if room <= 0:
+                    return
+                start = self._fed(state)
+                drafts: list[int] = []
+                fed = [self._draft_feed(state, tok)]
+                while len(drafts) < min(spec.tokens, room - 1):
+                    head = self._draft_logits(fed[-1])
+                    d = int(np.argmax(head))
+                    drafts.append(d)
+                    if d in self.eos_ids and not ignore_eos:
+                        break  # nothing after an end of sequence is worth drafting
+                    fed.append(self._draft_feed(state, d))
+                    if spec.min_p > 0 and _top_probability(head) < spec.min_p:
+                        break
+                verified = np.argmax(self._verify(state, fed), axis=-1)
+                m = 0
+                while m < len(drafts) and m < len(fed) and drafts[m] == int(verified[m]):
+                    m += 1
+                stats["cycles"] += 1
+                stats["drafted"] += len(drafts)
+                stats["accepted"] += m
+                kept = min(m + 1, len(fed))  # the cycle's first token and the accepted drafts, fed
+                self._rollback(state, start + kept)
+                keys += [tok, *drafts[:kept - 1]]
+                for d in drafts[:m]:
+                    if d in self.eos_ids and not ignore_eos:
+                        return
+                    yield d
+                    emitted += 1
+                    if emitted >= max_new_tokens:
+                        return
+                if m == len(fed):  # every verified row agreed and the last draft was not fed (an EOS)
+                    return
+                tok = int(verified[m])
+        except GeneratorExit:
+            raise
+        except BaseException:
+            state = None
+            raise
+        finally:
+            if state is not None:
+                self._keep(state, keys)
+
+    def _fed(self, state) -> int:
+        """Positions every layer's cache holds."""
+        raise NotImplementedError
+
     def generate(self, images, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, stop: list[str] | None = None, stream: bool = False, seed: int = 0,
-                 reuse: bool | None = None):
+                 reuse: bool | None = None, speculative=None):
         """The answer as text, or with ``stream=True`` a :class:`Generation`: an iterator of
         text pieces that also counts tokens (``prompt_tokens``, ``cached_tokens``,
-        ``completion_tokens``) and says why it finished. The prompt is a list of chat messages
-        (``generate(messages)``), ``(images, text)`` or a :class:`Prompt` from :meth:`encode`.
+        ``completion_tokens``; with ``speculative``, ``cycles``, ``drafted``, ``accepted``) and
+        says why it finished. The prompt is a list of chat messages (``generate(messages)``),
+        ``(images, text)`` or a :class:`Prompt` from :meth:`encode`.
 
-        Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string."""
+        Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string.
+        ``speculative`` (a :class:`Speculative` or ``{"layer": k, "tokens": n, "min_p": p}``)
+        drafts with layer ``k``'s verbalizer and verifies with the model: the same tokens."""
         self._check(max_new_tokens, temperature, top_p)  # now, not at the first piece of a stream
+        spec = Speculative.of(speculative)
+        if spec is not None:
+            if temperature > 0:
+                raise ConfigError("speculative decoding is greedy (temperature=0); sampling with speculation "
+                                  "is not built yet")
+            self._speculation_check(spec)
         encoded = self.encode(images, prompt)
-        gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed, reuse)
+        gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed, reuse, spec)
         return gen if stream else "".join(gen)
 
     def verbalize(self, images, prompt=None, max_new_tokens: int = 32, final: bool = True) -> dict:
@@ -306,6 +459,11 @@ class Runtime:
         for tok in continuation or []:
             out.append(self._step(state, tok))
         return out
+
+
+def _top_probability(logits: np.ndarray) -> float:
+    z = logits.astype(np.float64) - float(np.max(logits))
+    return float(1.0 / np.exp(z).sum())
 
 
 class SpecRuntime(Runtime):
@@ -430,8 +588,11 @@ class Generation:
     ``cancel()`` may be called from another thread; decoding stops before the next token."""
 
     def __init__(self, runtime: Runtime, prompt: Prompt, max_new_tokens, temperature, top_p, stop, seed,
-                 reuse: bool | None = None):
+                 reuse: bool | None = None, speculative: Speculative | None = None):
         self.prompt_tokens = len(prompt.ids)
+        self.speculative = speculative
+        self.stats: dict = {}
+        """``prompt_tokens``, ``cached_tokens``; with speculation ``cycles``, ``drafted``, ``accepted``."""
         self.cached_tokens = 0
         """Prompt positions reused from the runtime's last sequence (known once decoding started)."""
         self.completion_tokens = 0
@@ -454,9 +615,9 @@ class Generation:
         ids: list[int] = []
         hold = max((len(s) - 1 for s in stop), default=0)
         self.finish_reason = "stop"
-        stats: dict = {}
+        stats = self.stats
         tokens = rt.stream_tokens(prompt, None, max_new_tokens, temperature, top_p, FINAL, seed,
-                                  reuse=self._reuse, stats=stats)
+                                  reuse=self._reuse, stats=stats, speculative=self.speculative)
         try:
             for tok in tokens:
                 self.cached_tokens = stats.get("cached_tokens", 0)

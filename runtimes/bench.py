@@ -5,7 +5,10 @@ token of a follow-up question about an image already seen, with and without pref
 alternating in the same process. With ``rounds`` > 1 the artifacts are measured in turn, round
 after round (A, B, A, B, ...), each time in a fresh process, and each one's decode rate is also
 given as a ratio to the first artifact's in the same round: on a machine that other jobs load,
-those ratios hold where the absolute figures drift."""
+those ratios hold where the absolute figures drift. Every llama.cpp and (split) ONNX artifact
+is also paired, in its own process, with its engine driven directly on the same files
+(llama-cpp-python's ``Llama``; a plain ONNX Runtime loop), alternating: "vlsi / engine" is
+what vlsi's backend costs over the engine itself."""
 
 from __future__ import annotations
 
@@ -143,6 +146,8 @@ def _measure(path: str, backend: str, prompt_tokens: int, new_tokens: int, runs:
             row["engine_reference_skipped"] = "CPU with AMX: llama-cpp-python's Llama crashes on quantised types"
         else:
             row.update(_engine_reference(rt, prompt, new_tokens, runs, threads))
+    elif rt.name == "onnx" and rt.split is not None:
+        row.update(_onnx_engine_reference(rt, prompt, new_tokens, runs, threads))
     row.update(follow_up(rt, runs, image_size))
     return row
 
@@ -213,19 +218,79 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
             tok = int(llm.scores[llm.n_tokens - 1].argmax())
         return (new_tokens - 1) / (time.perf_counter() - t)
 
+    ours_tps, engine_tps = _paired(rt, prompt, new_tokens, runs, engine, {})
+    return {"engine": "Llama", "engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps,
+            "x_engine": ours_tps / engine_tps}
+
+
+def _paired(rt, prompt: str, new_tokens: int, runs: int, engine, said: dict) -> tuple[float, float]:
+    """Median decode tok/s of vlsi's backend and of ``engine()`` on a text prompt, alternating
+    (the first of each warms up); ``said["ours"]`` gets the backend's tokens."""
+
     def ours():
         it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True, reuse=False)
-        next(it)
+        toks = [next(it)]
         t = time.perf_counter()
-        k = sum(1 for _ in it)
-        return k / (time.perf_counter() - t)
+        toks += list(it)
+        took = time.perf_counter() - t
+        said["ours"] = toks
+        return (len(toks) - 1) / took
 
     a, b = [], []
     for _ in range(runs + 1):
         a.append(ours())
         b.append(engine())
-    ours_tps, engine_tps = statistics.median(a[1:]), statistics.median(b[1:])
-    return {"engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps, "x_engine": ours_tps / engine_tps}
+    return statistics.median(a[1:]), statistics.median(b[1:])
+
+
+def _onnx_engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int) -> dict:
+    """A plain ONNX Runtime decode loop over the same graph files (embedding, the decoder
+    segments, the LM head on the last position, argmax), with sessions of its own made with
+    the same options, alternating with vlsi's backend in this process: the gap is vlsi's."""
+    import onnxruntime as ort
+
+    m, split = rt.manifest, rt.split
+    graphs = {name: m.graph(name) for name in ("embed", *(s.graph for s in split.segments), split.lm_head.graph)}
+    sess = {name: ort.InferenceSession(str(rt.folder / g.file), rt._options, providers=rt.providers)
+            for name, g in graphs.items()}
+    ids = np.asarray([rt.encode([], prompt).ids], np.int64)
+    axes = rt.spec.position_axes
+    shape = (1, rt.kv_heads, 0, rt.head_dim)
+
+    def forward(past, tokens, start):
+        h = sess["embed"].run(None, {"input_ids": tokens})[0]
+        n = tokens.shape[1]
+        feed = {"attention_mask": np.ones((1, start + n), np.int64),
+                "position_ids": np.broadcast_to(np.arange(start, start + n, dtype=np.int64), (axes, 1, n)).copy()}
+        for s in split.segments:
+            g = graphs[s.graph]
+            layers = range(s.first_layer - 1, s.last_layer)
+            feed[s.hidden_in] = h
+            for i in layers:
+                feed[f"past_key_{i}"], feed[f"past_value_{i}"] = past[i]
+            outs = dict(zip(g.outputs, sess[s.graph].run(g.outputs, {k: feed[k] for k in g.inputs})))
+            for i in layers:
+                past[i] = (outs[f"present_key_{i}"], outs[f"present_value_{i}"])
+            h = outs[s.hidden_out]
+        head = split.lm_head
+        return int(sess[head.graph].run([head.output], {head.input: h[:, -1:]})[0][0, -1].argmax())
+
+    said: dict[str, list[int]] = {}
+
+    def engine():
+        empty = np.zeros(shape, np.float32)
+        past = [(empty, empty)] * rt.n_layers
+        toks = [forward(past, ids, 0)]
+        t = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            toks.append(forward(past, np.array([[toks[-1]]], np.int64), ids.shape[1] + len(toks) - 1))
+        took = time.perf_counter() - t
+        said["engine"] = toks
+        return (new_tokens - 1) / took
+
+    ours_tps, engine_tps = _paired(rt, prompt, new_tokens, runs, engine, said)
+    return {"engine": "onnxruntime", "engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps,
+            "x_engine": ours_tps / engine_tps, "engine_same_tokens": said["engine"] == said["ours"]}
 
 
 def _run_one(path: str, backend: str, prompt_tokens, new_tokens, runs, threads, image_size) -> dict:
@@ -310,10 +375,13 @@ def format_rows(rows: list[dict]) -> str:
                   for r in alternated]
     paired = [r for r in rows if "x_engine" in r]
     if paired:
-        lines += ["", "llama.cpp artifacts against llama-cpp-python's own `Llama` on the same file, text prompt, "
+        lines += ["", "Each artifact against its engine driven directly on the same files (llama-cpp-python's own "
+                      "`Llama`; a plain ONNX Runtime loop over the same graphs and session options), text prompt, "
                       "alternating in one process:", "",
-                  "| precision | vlsi backend tok/s | Llama tok/s | vlsi / Llama |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['precision']} | {r['paired_decode_tok_s']:.1f} | {r['engine_decode_tok_s']:.1f} | "
+                  "| backend | precision | verbalizers | vlsi backend tok/s | engine | engine tok/s | vlsi / engine |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['backend']} | {r['precision']} | {','.join(map(str, r.get('verbalizers', []))) or '-'} | "
+                  f"{r['paired_decode_tok_s']:.1f} | {r.get('engine', 'Llama')} | {r['engine_decode_tok_s']:.1f} | "
                   f"{100 * r['x_engine']:.0f}% |" for r in paired]
     follow = [r for r in rows if "followup_ttft_cold_s" in r]
     if follow:

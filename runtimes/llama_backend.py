@@ -295,6 +295,8 @@ class LlamaCppRuntime(Runtime):
 
     # ------------------------------------------------------------------ verbalizers
     def _on_tensor(self, t, ask, user):
+        if not self.capture_layers:  # plain decoding: llama.cpp asks about every node, answer at once
+            return not ask
         name = self._g.ggml_get_name(t)
         if ask:
             return name in self._want
@@ -387,7 +389,13 @@ class LlamaCppRuntime(Runtime):
         ptr = self._ll.llama_get_logits_ith(self.ctx, -1)
         final = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         hidden = dict(self._hidden)
-        return LayerLogits(final, self.verbalizer_layers, lambda k: self._verb.logits(k, hidden[k]))
+
+        def layer(k):
+            if k not in hidden:
+                raise RuntimeError(f"layer {k}'s state was not kept for this step (capture_layers was off)")
+            return self._verb.logits(k, hidden[k])
+
+        return LayerLogits(final, self.verbalizer_layers, layer)
 
     def _prefill(self, prompt: Prompt):
         ll = self._ll

@@ -20,6 +20,8 @@ import numpy as np
 from vlsi.archs import get_spec
 from vlsi.manifest import ArtifactError, load_manifest
 
+from vlsi.errors import ConfigError
+
 from .base import LayerLogits, SpecRuntime
 
 
@@ -55,6 +57,12 @@ class OnnxRuntime(SpecRuntime):
         self._options = opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # A step runs several sessions in turn (embedding, decoder segments, LM head, heads when
+        # asked), each with its own thread pool: workers left spinning after one session's run
+        # take the cores from the next. They spin within a run and stop at its end. Measured on
+        # the 0.5B shape, int8, 2 threads, decode tok/s plain / with three kept heads: 18 / 9
+        # spinning (ONNX Runtime's default), 35 / 34 never spinning, 39 / 38 stopping at each end.
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.providers = providers or default_providers()
         self.split = m.decoder_split
         if self.split is None:  # format 2: one decoder graph that computes every kept head at every step
@@ -117,14 +125,12 @@ class OnnxRuntime(SpecRuntime):
     def _vision(self, vision) -> np.ndarray:
         return self._run_graph("vision", vision.feeds)["image_embeds"]
 
-    def _forward(self, state, embeds, positions):
-        embeds = embeds.astype(np.float32, copy=False)
-        mask = np.ones((1, state["length"] + embeds.shape[1]), np.int64)
-        if self.split is None:
-            return self._forward_one_graph(state, embeds, mask, positions)
-        past, captured = list(state["past"]), {}
-        h = embeds
-        for seg in self.split.segments:
+    def _segments(self, segments, past: list, h: np.ndarray, cached: int, positions, captured=None) -> np.ndarray:
+        """Run ``segments`` in turn on ``h (1, T, D)`` after ``cached`` positions, updating their
+        layers' entries of ``past``; -> the last one's hidden state. ``captured`` receives the
+        last position's state after each kept verbalizer layer."""
+        mask = np.ones((1, cached + h.shape[1]), np.int64)
+        for seg in segments:
             feed = {seg.hidden_in: h, "attention_mask": mask, "position_ids": positions}
             layers = range(seg.first_layer - 1, seg.last_layer)
             for i in layers:
@@ -133,12 +139,28 @@ class OnnxRuntime(SpecRuntime):
             for i in layers:
                 past[i] = (outs[f"present_key_{i}"], outs[f"present_value_{i}"])
             h = outs[seg.hidden_out]
-            if seg.last_layer in self._heads:
+            if captured is not None and seg.last_layer in self._heads:
                 captured[seg.last_layer] = np.ascontiguousarray(h[:, -1:])
+        return h
+
+    def _forward(self, state, embeds, positions):
+        embeds = embeds.astype(np.float32, copy=False)
+        if self.split is None:
+            mask = np.ones((1, state["length"] + embeds.shape[1]), np.int64)
+            return self._forward_one_graph(state, embeds, mask, positions)
+        past, captured = list(state["past"]), {}
+        h = self._segments(self.split.segments, past, embeds, state["length"], positions,
+                           captured if self.capture_layers else None)
         state["past"] = past
         state["length"] += embeds.shape[1]
         final = self._lm_head(np.ascontiguousarray(h[:, -1:]))
-        return LayerLogits(final, self.verbalizer_layers, lambda k: self._verbalizer(k, captured[k]))
+        return LayerLogits(final, self.verbalizer_layers, lambda k: self._verbalizer(k, self._captured(captured, k)))
+
+    @staticmethod
+    def _captured(captured: dict, layer: int) -> np.ndarray:
+        if layer not in captured:
+            raise RuntimeError(f"layer {layer}'s state was not kept for this step (capture_layers was off)")
+        return captured[layer]
 
     def _lm_head(self, normed: np.ndarray) -> np.ndarray:
         """``(1, T, D)`` states after a final or verbalizer norm -> the last one's ``(V,)`` logits."""
@@ -159,6 +181,70 @@ class OnnxRuntime(SpecRuntime):
         state["past"] = [(outs[f"present_key_{i}"], outs[f"present_value_{i}"]) for i in range(self.n_layers)]
         state["length"] += embeds.shape[1]
         return LayerLogits(outs["logits"][0], self.verbalizer_layers, lambda k: outs[f"verbalizer_logits_{k}"][0])
+
+    # ------------------------------------------------------------------ self-speculative decoding
+    EXACT = ("fp32", "int8-nbits", "int4")
+    """Precisions whose weight products are batch-invariant (fp32 MatMul, MatMulNBits at accuracy
+    level 4): with row-by-row attention, a verifying pass equals one-by-one decoding bit for bit."""
+
+    def _speculation_check(self, spec) -> None:
+        where = f"{self.folder}: "
+        if self.split is None or not self.split.row_wise_rows:
+            raise ConfigError(f"{where}this artifact's decoder cannot verify drafted tokens exactly (exported before "
+                              "row-wise attention); re-export it (`vlsi export --target onnx ...`)")
+        if spec.layer >= self.n_layers:
+            raise ConfigError(f"speculative layer {spec.layer}: drafting with every layer saves nothing; pick a "
+                              f"shallower kept layer ({[k for k in self.verbalizer_layers if k < self.n_layers]})")
+        if spec.layer not in self._heads:
+            raise ConfigError(f"speculative layer {spec.layer} has no verbalizer head in {self.folder} (kept: "
+                              f"{list(self.verbalizer_layers)}); export with --verbalizers or pick a kept layer")
+        if spec.tokens > self.split.row_wise_rows - 1:
+            raise ConfigError(f"speculative tokens={spec.tokens}: this artifact verifies at most "
+                              f"{self.split.row_wise_rows - 1} drafted tokens per cycle")
+        precision = self.manifest.precision
+        if precision not in self.EXACT:
+            raise ConfigError(f"{where}speculative decoding on {precision!r} would not give plain decoding's tokens "
+                              f"(its weight products are not batch-invariant); export with --quant "
+                              f"{' or '.join(self.EXACT)}")
+        self._draft_layer = spec.layer
+        cut = [i for i, seg in enumerate(self.split.segments) if seg.last_layer == spec.layer][0] + 1
+        self._lower, self._upper = self.split.segments[:cut], self.split.segments[cut:]
+
+    def _fed(self, state) -> int:
+        state["drafted"] = 0
+        return state["length"]
+
+    def _draft_feed(self, state, token: int) -> np.ndarray:
+        emb = self._embed_tokens(np.array([[token]], np.int64))
+        at = state["next_pos"] + state["drafted"]
+        pos = np.full((self.spec.position_axes, 1, 1), at, np.int64)
+        past = state["past"]
+        h = self._segments(self._lower, past, emb, state["length"] + state["drafted"], pos)
+        state["drafted"] += 1
+        return h
+
+    def _draft_logits(self, hidden: np.ndarray) -> np.ndarray:
+        return self._verbalizer(self._draft_layer, hidden)
+
+    def _verify(self, state, drafted: list) -> np.ndarray:
+        n = len(drafted)
+        h = np.concatenate(drafted, axis=1)
+        first = state["next_pos"]
+        pos = np.broadcast_to(np.arange(first, first + n, dtype=np.int64), (self.spec.position_axes, 1, n)).copy()
+        if self._upper:
+            h = self._segments(self._upper, state["past"], h, state["length"], pos)
+        state["length"] += n
+        state["next_pos"] += n
+        state["drafted"] = 0
+        head = self.split.lm_head
+        return self._run_graph(head.graph, {head.input: h})[head.output][0]
+
+    def _rollback(self, state, n: int) -> None:
+        drop = state["length"] - n
+        if drop:
+            self._truncate(state, n)
+            state["length"] = n
+            state["next_pos"] -= drop
 
     def _embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         return np.array(self._run_graph("embed", {"input_ids": ids})["inputs_embeds"], np.float32)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from vlsi.errors import ConfigError  # noqa: E402
 from vlsi.manifest import ArtifactError, load_manifest  # noqa: E402
@@ -113,10 +113,11 @@ def _chain(folder, m, feed_embeds) -> tuple[np.ndarray, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["fp16", "int8", "int8-nbits", "int4"])
 def test_quantised_decoders_stay_close(tiny_ckpt, artifact, tmp_path, quant):
     """Each precision runs in ONNX Runtime and stays near the fp32 graphs on the same inputs,
-    every segment, the LM head and every verbalizer head quantised."""
+    every segment, the LM head and every verbalizer head quantised; the block-wise ones
+    (MatMulNBits) give each row of a batch exactly what that row gives alone."""
     # parity gating is tested below; here the graphs themselves are compared with fp32
     out = get_target("onnx")(tiny_ckpt, tmp_path / quant, quant=quant, verbalizers=True, validate=False)
     mq = load_manifest(out)
@@ -127,10 +128,12 @@ def test_quantised_decoders_stay_close(tiny_ckpt, artifact, tmp_path, quant):
     embeds = rng.standard_normal((1, 6, m.model["hidden_size"])).astype(np.float32)
     ref, ref_verb = _chain(artifact, m, embeds)
     got, got_verb = _chain(out, mq, embeds)
-    tol = {"fp16": 1e-2, "int8": 0.1, "int4": 0.3}[quant]
+    tol = {"fp16": 1e-2, "int8": 0.1, "int8-nbits": 0.1, "int4": 0.3}[quant]
     for a, b in [(got, ref), *((got_verb[k], ref_verb[k]) for k in ref_verb)]:
         assert np.abs(a - b).max() < tol * max(1.0, np.abs(b).max())
-    if quant in ("int8", "int4"):  # every weight product is quantised, the LM and verbalizer heads included
+    if quant in ("int8-nbits", "int4"):
+        _assert_rows_invariant(out / mq.graph("lm_head").file, mq.model["hidden_size"])
+    if quant in ("int8", "int8-nbits", "int4"):  # every weight product is quantised, the LM and verbalizer heads included
         import onnx
 
         for name, entry in decoder.items():
@@ -138,6 +141,24 @@ def test_quantised_decoders_stay_close(tiny_ckpt, artifact, tmp_path, quant):
             weights = {t.name for t in g.initializer}
             left = [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
             assert not left, f"{quant} {name}: float weight products left: {left}"
+
+
+def _assert_rows_invariant(path, hidden: int) -> None:
+    """Graph ``path`` (``(1, T, hidden) -> (1, T, V)``) gives every row of 7 exactly what it gives alone."""
+    sess = ort.InferenceSession(str(path))
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(1).standard_normal((1, 7, hidden)).astype(np.float32)
+    together = sess.run(None, {name: x})[0]
+    for t in range(7):
+        assert np.array_equal(sess.run(None, {name: x[:, t:t + 1]})[0][0, 0], together[0, t]), t
+
+
+@pytest.mark.slow
+def test_fp32_weight_products_are_batch_invariant(artifact):
+    """fp32's LM head gives each row of a batch bit for bit what the row gives alone (what
+    verifying several drafted tokens in one pass needs to equal decoding them one by one)."""
+    m = load_manifest(artifact)
+    _assert_rows_invariant(artifact / m.graph("lm_head").file, m.model["hidden_size"])
 
 
 @pytest.mark.slow

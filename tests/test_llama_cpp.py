@@ -294,7 +294,7 @@ def test_bench_has_the_llama_cpp_backend(f32, tiny_ckpt, tmp_path):
     g = rows[1]
     assert g["decode_tok_s"] > 0 and g["vision_s"] > 0 and g["roofline_tok_s"] > 0
     assert g["engine_decode_tok_s"] > 0 and g["x_engine"] == pytest.approx(g["paired_decode_tok_s"] / g["engine_decode_tok_s"])
-    assert "vlsi / Llama" in res.output
+    assert g["engine"] == "Llama" and "vlsi / engine" in res.output
     # the weights a decode step reads: the text file's tensors without the (untied) embedding rows
     r = gguf.GGUFReader(str(f32 / "model-f32.gguf"))
     assert g["weights_mb"] * 2**20 == pytest.approx(sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight"))
@@ -361,12 +361,27 @@ def test_verbalizer_sidecar_heads_match_torch(arch, sizes, tmp_path):
 
 
 def test_plain_decoding_never_reads_the_output_matrix(f32):
-    """With verbalizers kept, generate() leaves the output matrix unread (nothing allocated for it);
-    the first verbalization reads it, and from an f32 file without a copy (the file's mapped pages)."""
+    """With verbalizers kept, generate() leaves the output matrix unread (nothing allocated for it)
+    and keeps no layer's state (the eval callback looks at no node); the first verbalization
+    reads it, and from an f32 file without a copy (the file's mapped pages)."""
     rt = vlsi_runtimes.load(f32)
     assert rt.verbalizer_layers == (1, 3, 5) and rt.output_matrix.rows is None
+    import types
+
+    seen, lib = [], rt._g
+    rt._g = types.SimpleNamespace(ggml_get_name=lambda t: (seen.append(1), lib.ggml_get_name(t))[1],
+                                  ggml_nbytes=lib.ggml_nbytes, ggml_backend_tensor_get=lib.ggml_backend_tensor_get)
     rt.generate([_img(0)], "describe", max_new_tokens=6)
+    # decoding from the model's head: the eval callback answers llama.cpp's question about
+    # every graph node at once, looking at nothing, and keeps no layer's state
+    assert not seen and not rt._hidden
+    rt.capture_layers = False  # a pass as plain decoding makes it: a layer's logits cannot be read from it
+    _, plain = rt._prefill(rt.encode([_img(0)], "describe"))
+    rt.capture_layers = True
+    with pytest.raises(RuntimeError, match="capture_layers"):
+        plain[1]
     logits = rt.logits([_img(0)], "describe")[0]
+    assert seen and set(rt._hidden) == {1, 3, 5}
     assert set(logits) == {"final", 1, 3, 5} and rt.output_matrix.rows is None  # keys compute nothing
     rt.verbalize([_img(0)], "describe", 2, final=False)
     rows = rt.output_matrix.rows

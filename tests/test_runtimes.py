@@ -128,6 +128,11 @@ def test_bench_table(pair, tiny_ckpt, tmp_path):
         assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 0 and r["roofline_tok_s"] > 0
     assert rows[1]["vision_s"] > 0
     assert "% of roofline" in res.output
+    # paired with a plain ONNX Runtime loop over the same graphs, which decodes the same tokens
+    o = rows[1]
+    assert o["engine"] == "onnxruntime" and o["engine_same_tokens"] is True
+    assert o["x_engine"] == pytest.approx(o["paired_decode_tok_s"] / o["engine_decode_tok_s"])
+    assert "vlsi / engine" in res.output
     for r in rows:  # the follow-up rows: the reused prefix holds the whole first turn, image included
         assert r["followup_cached_tokens"] > r["followup_image_tokens"] > 0
         assert r["followup_ttft_cold_s"] > 0 and r["followup_ttft_reused_s"] > 0

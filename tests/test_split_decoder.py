@@ -136,6 +136,26 @@ def test_split_graphs_compute_what_the_one_graph_decoder_did(onnx_artifact, one_
             assert np.abs(got - ref[f"verbalizer_logits_{v.layer}"]).max() < 1e-5, v.layer
 
 
+def test_segments_take_the_cache_into_onnx_attention_and_rotary(onnx_artifact):
+    """Each segment's layers are ONNX's own ops, not written out: one ``Attention`` per layer fed
+    that layer's ``past_key/past_value`` and returning its ``present``, rotary as
+    ``RotaryEmbedding`` on the packed projections, no transpose and no concatenation of the cache."""
+    import onnx
+
+    m = load_manifest(onnx_artifact)
+    for seg in m.decoder_split.segments:
+        g = onnx.load(str(onnx_artifact / m.graph(seg.graph).file), load_external_data=False).graph
+        ops = [n.op_type for n in g.node]
+        layers = seg.last_layer - seg.first_layer + 1
+        assert ops.count("Attention") == layers and ops.count("RotaryEmbedding") == 2 * layers
+        assert "Transpose" not in ops
+        assert not [n for n in g.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
+        attn = [n for n in g.node if n.op_type == "Attention"]
+        for i, n in zip(range(seg.first_layer - 1, seg.last_layer), attn):
+            assert list(n.input[4:6]) == [f"past_key_{i}", f"past_value_{i}"]
+            assert list(n.output[1:3]) == [f"present_key_{i}", f"present_value_{i}"]
+
+
 def test_no_weight_is_in_two_decoder_graphs(onnx_artifact, ckpt):
     """The LM head is stored once (in lm_head.onnx, not per kept head), each layer's weights in one
     segment, and the decoder graphs hold exactly the text model's and the heads' weights."""
@@ -182,6 +202,12 @@ def test_plain_decoding_runs_no_head_graph(onnx_artifact):
     assert {c for c in calls if c not in ("vision", "embed")} == {*segments, "lm_head"}
     assert all(calls.count(g) == forwards for g in (*segments, "lm_head"))
     assert not [n for n in rt.sessions if n.startswith("verbalizer_")]
+    rt.capture_layers = False  # a pass as plain decoding makes it: a layer's logits cannot be read from it
+    state, logits = rt._prefill(rt.encode([_img(0)], "describe"))
+    rt.capture_layers = True
+    assert logits["final"].shape == (rt.model["vocab_size"],)
+    with pytest.raises(RuntimeError, match="capture_layers"):
+        logits[1]
     calls.clear()
     out = rt.verbalize([_img(0)], "describe", 3, final=False)
     assert set(out) == {1, 3, 5}

@@ -138,6 +138,10 @@ class DecoderSplit:
     segments: list[Segment]
     lm_head: Head
     verbalizers: list[Head] = field(default_factory=list)
+    row_wise_rows: int = 0
+    """Passes of 2 up to this many positions attend row by row in every segment
+    (:mod:`vlsi_export.rowwise`): bit for bit what the positions give fed one at a time, which
+    exact speculative verification needs. 0 in artifacts made before it."""
 
     @property
     def split_layers(self) -> list[int]:
@@ -147,7 +151,8 @@ class DecoderSplit:
     @classmethod
     def from_dict(cls, d: dict) -> DecoderSplit:
         return cls(segments=[Segment(**s) for s in d["segments"]], lm_head=Head(**d["lm_head"]),
-                   verbalizers=[Head(**h) for h in d.get("verbalizers", [])])
+                   verbalizers=[Head(**h) for h in d.get("verbalizers", [])],
+                   row_wise_rows=int(d.get("row_wise_rows", 0)))
 
 
 @dataclass

@@ -18,11 +18,12 @@ from .quantize import PRECISIONS, quantize_graph, save_model
 
 @dataclass(frozen=True)
 class OnnxOptions(CommonOptions):
-    quant: str = option("fp32", "Text decoder precision (int4: MatMulNBits, int8: dynamic quantisation).",
+    quant: str = option("fp32", "Text decoder precision (int8: dynamic quantisation; int8-nbits, int4: "
+                        "block-wise weights, MatMulNBits).",
                         PRECISIONS)
     vision_quant: str = option("fp32", "Vision encoder precision.", PRECISIONS)
-    block_size: int = option(32, "int4: weights per quantisation block (a power of two >= 16).")
-    symmetric: bool = option(True, "int4: symmetric blocks (--no-symmetric: with zero points).")
+    block_size: int = option(32, "int8-nbits, int4: weights per quantisation block (a power of two >= 16).")
+    symmetric: bool = option(True, "int8-nbits, int4: symmetric blocks (--no-symmetric: with zero points).")
     split_layers: str | None = option(None, "Also split the decoder after these layers (1-based, e.g. '6' or "
                                             "'4,12'), besides after every kept verbalizer layer.")
 
@@ -80,6 +81,16 @@ class OnnxTarget(Target):
         raw.mkdir()
         io, split = get_export(ck.adapter.name, "onnx").export(ck, ck.verbalizers if opts.verbalizers else None, raw,
                                                                 model_block, split_layers)
+        # segments attend row by row over a few positions, so that verifying drafted tokens in
+        # one pass gives what decoding them one by one does (vlsi_export/rowwise.py)
+        from .rowwise import MAX_ROWS, row_wise_attention
+
+        for seg in split.segments:
+            path = raw / f"{seg.graph}.onnx"
+            graph = onnx.load(str(path))
+            row_wise_attention(graph, MAX_ROWS)
+            save_model(graph, path)
+        split.row_wise_rows = MAX_ROWS
         # every decoder graph (segments, LM head, verbalizer heads) at the decoder's precision
         precision = {name: opts.quant for name in io}
         precision.update(vision=opts.vision_quant, embed="fp32")

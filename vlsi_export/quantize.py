@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-nbits", "int4")
+NBITS = {"int8-nbits": 8, "int4": 4}
+"""Block-wise weight-only precisions (``MatMulNBits`` at accuracy level 4) and their bits. Their
+weight products are batch-invariant (a row's result does not depend on the other rows of the
+batch), which dynamic int8 is not: its activation scale spans every row."""
 
 
 def quantize_graph(src: Path, dst: Path, precision: str, block_size: int = 32, symmetric: bool = True) -> Path:
@@ -12,7 +16,8 @@ def quantize_graph(src: Path, dst: Path, precision: str, block_size: int = 32, s
 
     - fp16: float16 weights and compute, inputs/outputs kept fp32 (ORT's float16 converter);
     - int8: dynamic quantisation, per-channel int8 weights (``quantize_dynamic``);
-    - int4: block-wise 4-bit MatMul weights (``MatMulNBits``), ``block_size`` and symmetry configurable.
+    - int8-nbits, int4: block-wise 8- or 4-bit MatMul weights (``MatMulNBits``, accuracy level
+      4), ``block_size`` and symmetry configurable.
     """
     import onnx
 
@@ -34,7 +39,7 @@ def quantize_graph(src: Path, dst: Path, precision: str, block_size: int = 32, s
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=symmetric,
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=NBITS[precision], block_size=block_size, is_symmetric=symmetric,
                                  accuracy_level=4)
         q.process()
         save_model(q.model.model, dst)

@@ -15,6 +15,8 @@ TOLERANCES: dict[str, dict[str, tuple[str, float]]] = {
              "verbalizer_top1": (">=", 0.98)},
     "int8": {"top1": (">=", 0.98), "kl_mean": ("<=", 0.02), "acc_drop": ("<=", 0.01),
              "verbalizer_top1": (">=", 0.95)},
+    "int8-nbits": {"top1": (">=", 0.98), "kl_mean": ("<=", 0.02), "acc_drop": ("<=", 0.01),
+                   "verbalizer_top1": (">=", 0.95)},
     "int4": {"top1": (">=", 0.95), "kl_mean": ("<=", 0.05), "acc_drop": ("<=", 0.03),
              "verbalizer_top1": (">=", 0.90)},
 }

@@ -81,6 +81,28 @@ def decoder_layer(layer, qkv, gate_up, heads: tuple[int, int, int], h, cos, sin,
     return h + layer.mlp.down_proj(layer.mlp.act_fn(g) * u), k, v
 
 
+def decoder_layer_fused(layer, qkv, gate_up, heads: tuple[int, int, int], h, cos, sin, mask, past_k, past_v):
+    """:func:`decoder_layer` with the same weights and arithmetic in ONNX's own operators, for
+    ONNX Runtime: rotary as ``RotaryEmbedding`` on the packed ``(B, L, heads * hd)`` projections
+    and grouped-query attention with its cache as one ``Attention`` node taking ``past`` and
+    returning ``present`` (no reshapes, transposes or concatenations around it). 109 nodes for
+    the quickstart student's 4 layers instead of 189; TensorRT's parser takes the written-out
+    form, so :class:`Decoder` keeps that one."""
+    from torch.onnx import ops
+
+    nh, kvh, hd = heads
+    x = layer.input_layernorm(h)
+    q, k, v = qkv(x).split([nh * hd, kvh * hd, kvh * hd], dim=-1)
+    # rotate-half RoPE repeats its frequencies over the two halves: the op takes one half
+    c, s = cos[:, 0, :, : hd // 2], sin[:, 0, :, : hd // 2]
+    q = ops.rotary_embedding(q, c, s, num_heads=nh)
+    k = ops.rotary_embedding(k, c, s, num_heads=kvh)
+    a, k, v, _ = ops.attention(q, k, v, mask, past_k, past_v, q_num_heads=nh, kv_num_heads=kvh)
+    h = h + layer.self_attn.o_proj(a)
+    g, u = gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+    return h + layer.mlp.down_proj(layer.mlp.act_fn(g) * u), k, v
+
+
 class TokenEmbedding(nn.Module):
     """``input_ids (B, L) -> inputs_embeds (B, L, D)``."""
 
@@ -216,8 +238,8 @@ class DecoderSegment(nn.Module):
         mask = allowed_keys(attention_mask, hidden.shape[1])[:, None]
         presents = []
         for j, layer in enumerate(self.layers):
-            hidden, k, v = decoder_layer(layer, self.qkv[j], self.gate_up[j], self.heads, hidden, cos, sin, mask,
-                                         past[2 * j], past[2 * j + 1])
+            hidden, k, v = decoder_layer_fused(layer, self.qkv[j], self.gate_up[j], self.heads, hidden, cos, sin,
+                                               mask, past[2 * j], past[2 * j + 1])
             presents += [k, v]
         if self.norm is not None:
             hidden = self.norm(hidden)

@@ -1,0 +1,226 @@
+"""Self-speculative decoding on ONNX Runtime: draft with the layers up to a kept verbalizer and
+its head, verify every drafted token in one pass of the layers above, keep what agrees.
+
+* Greedy output is plain decoding's, token for token: random weights (near-ties everywhere,
+  drafts mostly rejected: every cycle rolls back), text and image prompts, every drafting layer,
+  draft lengths 1..8, early stopping by the head's confidence, an end of sequence and
+  ``max_new_tokens`` falling inside a drafted run; at fp32 and at 8-bit MatMulNBits.
+* The cache after a speculative answer is the one plain decoding leaves, array for array.
+* A model whose upper layers add nothing accepts every draft: cycles of ``tokens + 1``.
+* The segments' row-by-row attention makes a pass over several positions equal, bit for bit,
+  the same positions fed one at a time (ONNX Runtime's Attention over several rows does not).
+* Bad requests (no head at the layer, a draft length of 0 or above the cap, the last layer,
+  sampling, a non-exact precision, an artifact made before row-wise attention, a backend that
+  cannot) are refused naming the option or the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+import vlsi_runtimes  # noqa: E402
+from vlsi.errors import ConfigError  # noqa: E402
+from vlsi.manifest import load_manifest  # noqa: E402
+from vlsi_export import get_target  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _img(seed=0, size=84):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+PROMPTS = [([_img(0)], "describe the picture"), ([], "count to ten"), ([_img(3, 112)], "what colour is it?"),
+           ([_img(5)], "where is the circle?"), ([], "tell me a story about a square")]
+
+
+def _both(rt, images, prompt, n, spec, ignore_eos=True):
+    plain = list(rt.stream_tokens(images, prompt, n, ignore_eos=ignore_eos, reuse=False))
+    stats: dict = {}
+    drafted = list(rt.stream_tokens(images, prompt, n, ignore_eos=ignore_eos, reuse=False, stats=stats,
+                                    speculative=spec))
+    return plain, drafted, stats
+
+
+@pytest.mark.parametrize("layer,tokens,min_p", [(1, 1, 0.0), (1, 4, 0.0), (3, 3, 0.0), (3, 8, 0.0), (5, 2, 0.0),
+                                                (1, 6, 0.3)])
+def test_greedy_tokens_are_plain_decodings(onnx_artifact, layer, tokens, min_p):
+    rt = vlsi_runtimes.load(onnx_artifact)
+    total = {"drafted": 0, "accepted": 0, "cycles": 0}
+    for images, prompt in PROMPTS:
+        plain, drafted, stats = _both(rt, images, prompt, 24, {"layer": layer, "tokens": tokens, "min_p": min_p})
+        assert drafted == plain, (layer, tokens, prompt)
+        for k in total:
+            total[k] += stats[k]
+    assert total["drafted"] >= total["accepted"] >= 0 and total["cycles"] > 0
+    if layer == 1:  # random weights, drafting at layer 1 of 6: most drafts are rejected and rolled back
+        assert total["accepted"] < total["drafted"] / 2
+
+
+def test_end_of_sequence_and_max_new_tokens_inside_a_drafted_run(onnx_artifact):
+    """With EOS honoured and budgets that end mid-cycle, the answers (and where they stop) are plain decoding's."""
+    rt = vlsi_runtimes.load(onnx_artifact)
+    eos = rt.eos_ids[0]
+    for n in (1, 2, 3, 5, 7, 11):
+        for images, prompt in PROMPTS[:3]:
+            plain, drafted, _ = _both(rt, images, prompt, n, {"layer": 1, "tokens": 4}, ignore_eos=False)
+            assert drafted == plain and len(drafted) <= n
+    # an EOS the drafter proposes inside a run: make the head's favourite token the end of sequence
+    # for a prompt and check the answer stops exactly where plain decoding's does
+    real = rt._draft_logits
+
+    def eos_loving(hidden):
+        out = real(hidden).copy()
+        out[eos] = out.max() + 1.0
+        return out
+
+    rt._draft_logits = eos_loving
+    for images, prompt in PROMPTS:
+        plain, drafted, stats = _both(rt, images, prompt, 16, {"layer": 3, "tokens": 4}, ignore_eos=False)
+        assert drafted == plain and stats["drafted"] >= 1
+
+
+def test_the_cache_after_speculation_is_plain_decodings(onnx_artifact):
+    """The rolled-back cache kept for the next prompt equals plain decoding's, and a follow-up
+    reusing it answers as one reusing plain decoding's."""
+    rt = vlsi_runtimes.load(onnx_artifact)
+    images, prompt = PROMPTS[0]
+    list(rt.stream_tokens(images, prompt, 20, ignore_eos=True))
+    plain = rt._entry
+    list(rt.stream_tokens(images, prompt, 20, ignore_eos=True, reuse=False, speculative={"layer": 1, "tokens": 5}))
+    drafted = rt._entry
+    assert drafted.keys == plain.keys and drafted.state["length"] == plain.state["length"] == len(plain.keys)
+    assert drafted.state["next_pos"] == plain.state["next_pos"]
+    for (k1, v1), (k2, v2) in zip(plain.state["past"], drafted.state["past"]):
+        assert np.array_equal(k1, k2) and np.array_equal(v1, v2)
+    follow = [{"role": "user", "content": [{"type": "image", "image": images[0]}, {"type": "text", "text": prompt}]},
+              {"role": "assistant", "content": rt.decode(drafted.keys[-19:])},
+              {"role": "user", "content": "and then?"}]
+    stats: dict = {}
+    again = list(rt.stream_tokens(follow, None, 8, stats=stats, speculative={"layer": 3, "tokens": 3}))
+    assert stats["cached_tokens"] > 0
+    list(rt.stream_tokens(images, prompt, 20, ignore_eos=True, reuse=False))  # the same cache, from plain decoding
+    assert again == list(rt.stream_tokens(follow, None, 8))
+
+
+def test_generate_with_speculation(onnx_artifact):
+    rt = vlsi_runtimes.load(onnx_artifact)
+    images, prompt = PROMPTS[2]
+    want = rt.generate(images, prompt, max_new_tokens=12)
+    assert rt.generate(images, prompt, max_new_tokens=12, speculative=vlsi_runtimes.Speculative(3, 4)) == want
+    gen = rt.generate(images, prompt, max_new_tokens=12, stream=True, speculative={"layer": 1, "tokens": 2})
+    assert "".join(gen) == want and gen.stats["cycles"] >= 1 and gen.stats["drafted"] >= gen.stats["accepted"]
+
+
+@pytest.fixture(scope="module")
+def agreeing(tiny_ckpt, tmp_path_factory):
+    """The tiny student with layers 4-6 adding nothing to the residual (their output projections
+    zeroed): layer 3's untrained head (the logit lens) is then the model's own head."""
+    import torch
+
+    from vlsi.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(tiny_ckpt)
+    lm = ck.adapter.language_model(ck.model)
+    with torch.no_grad():
+        for layer in lm.layers[3:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    root = tmp_path_factory.mktemp("agreeing")
+    save_checkpoint(root / "ckpt", ck.model, ck.tokenizer, ck.image_processor, ck.verbalizers)
+    return get_target("onnx")(root / "ckpt", root / "onnx", verbalizers=True, validate=False)
+
+
+def test_drafts_the_model_agrees_with_are_all_accepted(agreeing):
+    rt = vlsi_runtimes.load(agreeing)
+    for tokens in (1, 3, 7):
+        plain, drafted, stats = _both(rt, [_img(1)], "describe", 33, {"layer": 3, "tokens": tokens})
+        assert drafted == plain
+        assert stats["accepted"] == stats["drafted"] > 0
+        assert stats["cycles"] == -(-32 // (tokens + 1))  # each cycle yields its drafts and the model's next token
+
+
+def test_row_wise_attention_equals_one_position_at_a_time(onnx_artifact):
+    """A segment over 2..16 new positions returns, bit for bit, what the positions give fed one
+    at a time; the Attention node it replaced, over the same rows, does not."""
+    import onnx
+
+    from vlsi_export.rowwise import row_wise_attention  # noqa: F401  (the rewrite under test)
+
+    m = load_manifest(onnx_artifact)
+    assert m.decoder_split.row_wise_rows == 16
+    seg = m.decoder_split.segments[1]
+    g = m.graph(seg.graph)
+    sess = ort.InferenceSession(str(onnx_artifact / g.file))
+    model = onnx.load(str(onnx_artifact / g.file))
+    assert sum(n.op_type == "If" for n in model.graph.node) == seg.last_layer - seg.first_layer + 1
+    mm = m.model
+    rng = np.random.default_rng(0)
+    layers = range(seg.first_layer - 1, seg.last_layer)
+
+    def run(h, start, past):
+        feed = {seg.hidden_in: h, "attention_mask": np.ones((1, start + h.shape[1]), np.int64),
+                "position_ids": np.broadcast_to(np.arange(start, start + h.shape[1]), (3, 1, h.shape[1])).copy()}
+        for i in layers:
+            feed[f"past_key_{i}"], feed[f"past_value_{i}"] = past[i]
+        return dict(zip(g.outputs, sess.run(g.outputs, feed)))
+
+    cached = 9
+    past = {i: tuple(rng.standard_normal((1, mm["num_kv_heads"], cached, mm["head_dim"])).astype(np.float32)
+                     for _ in range(2)) for i in layers}
+    for rows in (2, 5, 16):
+        h = rng.standard_normal((1, rows, mm["hidden_size"])).astype(np.float32)
+        together = run(h, cached, past)
+        p, one = dict(past), []
+        for t in range(rows):
+            o = run(h[:, t:t + 1], cached + t, p)
+            one.append(o[seg.hidden_out])
+            p = {i: (o[f"present_key_{i}"], o[f"present_value_{i}"]) for i in layers}
+        assert np.array_equal(together[seg.hidden_out], np.concatenate(one, axis=1)), rows
+        for i in layers:
+            assert np.array_equal(together[f"present_key_{i}"], p[i][0])
+
+
+def test_exact_at_8_bit_block_weights_and_refused_where_it_cannot_be(tiny_ckpt, onnx_artifact, tmp_path):
+    nbits = get_target("onnx")(tiny_ckpt, tmp_path / "q8", quant="int8-nbits", verbalizers=True, validate=False)
+    rt = vlsi_runtimes.load(nbits)
+    for images, prompt in PROMPTS[:3]:
+        plain, drafted, _ = _both(rt, images, prompt, 20, {"layer": 1, "tokens": 4})
+        assert drafted == plain
+    dyn = get_target("onnx")(tiny_ckpt, tmp_path / "i8", quant="int8", verbalizers=True, validate=False)
+    with pytest.raises(ConfigError, match="not batch-invariant.*--quant fp32 or int8-nbits or int4"):
+        vlsi_runtimes.load(dyn).generate([], "hi", speculative={"layer": 1})
+    # an artifact exported before row-wise attention (its manifest says 0)
+    old = tmp_path / "old"
+    shutil.copytree(onnx_artifact, old)
+    man = json.loads((old / "manifest.json").read_text())
+    man["decoder_split"]["row_wise_rows"] = 0
+    (old / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ConfigError, match="re-export it"):
+        vlsi_runtimes.load(old).generate([], "hi", speculative={"layer": 1})
+
+
+def test_bad_requests_name_the_option(onnx_artifact, tiny_ckpt):
+    rt = vlsi_runtimes.load(onnx_artifact)
+    cases = [({"layer": 2}, "layer 2 has no verbalizer head"), ({"layer": 1, "tokens": 0}, "tokens=0"),
+             ({"layer": 1, "tokens": 16}, "at most 15"), ({"layer": 6}, "saves nothing"),
+             ({"layer": 1, "min_p": 1.5}, "min_p"), ({"layer": 1, "draft": 3}, "takes layer, tokens and min_p"),
+             ({"tokens": 3}, "takes layer"), ("layer 1", "a Speculative or a mapping")]
+    for spec, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            rt.generate([], "hi", max_new_tokens=4, speculative=spec)
+    with pytest.raises(ConfigError, match="temperature=0"):
+        rt.generate([], "hi", max_new_tokens=4, temperature=0.7, speculative={"layer": 1})
+    with pytest.raises(ConfigError, match="source='final'"):
+        list(rt.stream_tokens([], "hi", 4, source=1, speculative={"layer": 1}))
+    with pytest.raises(ConfigError, match="torch backend does not decode speculatively"):
+        vlsi_runtimes.load(tiny_ckpt).generate([], "hi", max_new_tokens=4, speculative={"layer": 1})
