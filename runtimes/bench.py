@@ -293,6 +293,105 @@ def _onnx_engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads:
             "x_engine": ours_tps / engine_tps, "engine_same_tokens": said["engine"] == said["ours"]}
 
 
+SPEC_PROMPTS = ("Describe a red square next to a blue circle.", "Count the shapes and name their colours.",
+                "What is left of the green triangle?", "Tell a short story about three circles.")
+
+
+def measure_speculative(path: str, spec, new_tokens: int, runs: int, threads: int) -> dict:
+    """Self-speculative decoding against plain decoding of the same artifact, in one process,
+    alternating on the same prompts: decode tok/s of each, the speedup, drafted and accepted
+    tokens, whether every answer is plain decoding's, and the cost model: a plain step, a draft
+    step (the layers up to the drafting one; its head), a verifying pass over m = 1..8 positions,
+    all in plain steps, and the speedup they predict for the acceptance measured."""
+    import vlsi_runtimes
+
+    from .base import Speculative
+
+    spec = Speculative.of(spec)
+    rt = vlsi_runtimes.load(path, **({"threads": threads} if threads else {}))
+    rt._speculation_check(spec)
+    rates: dict[str, list[float]] = {"plain": [], "speculative": []}
+    same, totals = [], {"cycles": 0, "drafted": 0, "accepted": 0}
+    for r in range(runs + 1):
+        for prompt in SPEC_PROMPTS:
+            said = {}
+            for kind in ("plain", "speculative"):
+                stats: dict = {}
+                it = rt.stream_tokens([], prompt, new_tokens, ignore_eos=True, reuse=False, stats=stats,
+                                      speculative=spec if kind == "speculative" else None)
+                toks = [next(it)]
+                t = time.perf_counter()
+                toks += list(it)
+                took = time.perf_counter() - t
+                said[kind] = toks
+                if r:  # the first round warms up
+                    rates[kind].append((len(toks) - 1) / took)
+                    if kind == "speculative":
+                        for k in totals:
+                            totals[k] += stats[k]
+            if r:
+                same.append(said["plain"] == said["speculative"])
+    plain_tps, spec_tps = statistics.median(rates["plain"]), statistics.median(rates["speculative"])
+
+    # the cost model's terms, each timed on a real state (medians of ``reps``)
+    reps = max(3, runs)
+    state, logits = rt._prefill(rt.encode([], SPEC_PROMPTS[0]))
+    tok = int(np.argmax(logits["final"]))
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t, out
+
+    step = statistics.median(timed(lambda: rt._step(state, tok))[0] for _ in range(reps))
+    rt._rollback(state, state["length"] - reps)
+    base = rt._fed(state)
+    low, head, verify = [], [], {}
+    for _ in range(reps):
+        t, h = timed(lambda: rt._draft_feed(state, tok))
+        low.append(t)
+        head.append(timed(lambda: rt._draft_logits(h))[0])
+        rt._verify(state, [h])
+        rt._rollback(state, base)
+        rt._fed(state)
+    for m in range(1, 9):
+        got = []
+        for _ in range(reps):
+            fed = [rt._draft_feed(state, tok) for _ in range(m)]
+            got.append(timed(lambda: rt._verify(state, fed))[0])
+            rt._rollback(state, base)
+            rt._fed(state)
+        verify[m] = statistics.median(got) / step
+    c_low, c_head = statistics.median(low) / step, statistics.median(head) / step
+    cycles = max(totals["cycles"], 1)
+    per_cycle = (totals["accepted"] + totals["cycles"]) / cycles  # tokens a cycle yields
+    drafts = totals["drafted"] / cycles
+    m = min(8, max(1, round(drafts + 1)))
+    cost = (drafts + 1) * c_low + drafts * c_head + verify[m]  # in plain steps
+    return {"path": path, "precision": rt.manifest.precision, "layer": spec.layer, "tokens": spec.tokens,
+            "min_p": spec.min_p, "plain_tok_s": plain_tps, "speculative_tok_s": spec_tps,
+            "speedup": spec_tps / plain_tps, "identical_rate": sum(same) / len(same), "prompts": len(SPEC_PROMPTS),
+            **totals, "accepted_per_cycle": totals["accepted"] / cycles, "acceptance": totals["accepted"] /
+            max(totals["drafted"], 1), "step_s": step, "draft_layers_cost": c_low, "draft_head_cost": c_head,
+            "verify_cost": verify, "predicted_speedup": per_cycle / cost}
+
+
+def format_speculative(rows: list[dict]) -> str:
+    lines = ["| artifact | precision | layer | draft tokens | min p | plain tok/s | speculative tok/s | speedup | "
+             "identical to plain | drafted | accepted | accepted / cycle | predicted speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['path']} | {r['precision']} | {r['layer']} | {r['tokens']} | {r['min_p']} | {r['plain_tok_s']:.1f} | "
+              f"{r['speculative_tok_s']:.1f} | {r['speedup']:.2f}x | {100 * r['identical_rate']:.0f}% | {r['drafted']} | "
+              f"{r['accepted']} | {r['accepted_per_cycle']:.2f} | {r['predicted_speedup']:.2f}x |" for r in rows]
+    lines += ["", "Cost model, in plain decode steps: a draft step (the layers up to the drafting one; its head) and "
+                  "a verifying pass of the layers above over m positions:", "",
+              "| artifact | plain step ms | draft layers | draft head | " + " | ".join(f"verify {m}" for m in range(1, 9)) +
+              " |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in range(8)) + " |"]
+    lines += [f"| {r['path']} | {1e3 * r['step_s']:.1f} | {r['draft_layers_cost']:.2f} | {r['draft_head_cost']:.2f} | " +
+              " | ".join(f"{r['verify_cost'][m]:.2f}" for m in range(1, 9)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def _run_one(path: str, backend: str, prompt_tokens, new_tokens, runs, threads, image_size) -> dict:
     """One measurement in a fresh process."""
     cmd = [sys.executable, "-m", "vlsi_runtimes.bench", path, backend, str(prompt_tokens), str(new_tokens),
@@ -397,6 +496,21 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def _run_speculative(path: str, spec, new_tokens: int, runs: int, threads: int) -> dict:
+    """:func:`measure_speculative` in a fresh process."""
+    cmd = [sys.executable, "-m", "vlsi_runtimes.bench", "speculative", path, json.dumps(spec), str(new_tokens),
+           str(runs), str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"speculative bench of {path} failed:\n{res.stderr[-2000:]}")
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    row["verify_cost"] = {int(k): v for k, v in row["verify_cost"].items()}
+    return row
+
+
+if __name__ == "__main__" and sys.argv[1] == "speculative":
+    p, spec, nt, runs, threads = sys.argv[2:7]
+    print(json.dumps(measure_speculative(p, json.loads(spec), int(nt), int(runs), int(threads))))
+elif __name__ == "__main__":
     p, backend, pt, nt, runs, threads, size = sys.argv[1:8]
     print(json.dumps(_measure(p, backend, int(pt), int(nt), int(runs), int(threads), int(size))))

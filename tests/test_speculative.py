@@ -224,3 +224,24 @@ def test_bad_requests_name_the_option(onnx_artifact, tiny_ckpt):
         list(rt.stream_tokens([], "hi", 4, source=1, speculative={"layer": 1}))
     with pytest.raises(ConfigError, match="torch backend does not decode speculatively"):
         vlsi_runtimes.load(tiny_ckpt).generate([], "hi", max_new_tokens=4, speculative={"layer": 1})
+
+
+def test_bench_speculative_rows(onnx_artifact, tiny_ckpt, tmp_path):
+    """`vlsi bench --speculative` times both decodings on the same prompts, says every answer was
+    plain decoding's, and prints the cost model; a malformed value names the option."""
+    from click.testing import CliRunner
+
+    from vlsi_cli import main
+
+    res = CliRunner().invoke(main, ["bench", str(onnx_artifact), "--reference", str(tiny_ckpt), "--runs", "1",
+                                    "--new-tokens", "8", "--prompt-tokens", "40", "--speculative", "1:3",
+                                    "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "b.json").read_text())[-1]["speculative"][0]
+    assert row["identical_rate"] == 1.0 and row["layer"] == 1 and row["tokens"] == 3
+    assert row["speedup"] == pytest.approx(row["speculative_tok_s"] / row["plain_tok_s"])
+    assert sorted(map(int, row["verify_cost"])) == list(range(1, 9)) and row["predicted_speedup"] > 0
+    assert row["drafted"] >= row["accepted"] and row["cycles"] > 0
+    assert "predicted speedup" in res.output and "verify 8" in res.output
+    bad = CliRunner().invoke(main, ["bench", str(onnx_artifact), "--reference", str(tiny_ckpt), "--speculative", "1"])
+    assert bad.exit_code != 0 and "--speculative" in bad.output and "LAYER:TOKENS" in bad.output

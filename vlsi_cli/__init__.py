@@ -306,17 +306,54 @@ def build_cmd(artifact, preset, max_context, max_image_tokens, opt_level, worksp
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Measure the artifacts this many times, alternating (A, B, A, B, ...), with each one's decode "
                    "rate as a ratio to the first artifact's in the same round.")
+@click.option("--speculative", "speculative", default=None, metavar="LAYER:TOKENS[:MIN_P]",
+              help="Also time self-speculative decoding (drafting with layer LAYER's verbalizer, up to TOKENS per "
+                   "cycle, stopping below MIN_P) against plain decoding of each ONNX artifact, alternating, with "
+                   "the cost model's prediction.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
-def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, image_size, rounds, out):
+def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, image_size, rounds, speculative, out):
     """Time to first token, decode tokens/s, vision latency and peak RSS per artifact vs PyTorch."""
     from vlsi_runtimes.bench import bench, format_rows
 
+    spec = _parse_speculative(speculative) if speculative else None
     rows = bench(list(artifacts), reference, prompt_tokens, new_tokens, runs, threads, image_size, rounds)
     click.echo(format_rows(rows))
+    if spec is not None:
+        from vlsi.manifest import load_manifest
+        from vlsi_runtimes.bench import _run_speculative, format_speculative
+
+        onnx = [a for a in artifacts if load_manifest(a, verify=False).target == "onnx"]
+        if not onnx:
+            raise click.UsageError("--speculative times ONNX artifacts; none was given")
+        spec_rows = [_run_speculative(str(a), spec, new_tokens, runs, threads) for a in onnx]
+        click.echo("\nSelf-speculative decoding against plain decoding of the same artifact, alternating on "
+                   "the same prompts:\n\n" + format_speculative(spec_rows))
+        rows = [*rows, {"speculative": spec_rows}]
     if out:
         from vlsi.atomic import atomic_write_text
 
         atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+
+
+def _parse_speculative(text: str) -> dict:
+    """``LAYER:TOKENS[:MIN_P]`` -> the runtime's speculative mapping."""
+    parts = text.split(":")
+    try:
+        if not 2 <= len(parts) <= 3:
+            raise ValueError
+        spec = {"layer": int(parts[0]), "tokens": int(parts[1])}
+        if len(parts) == 3:
+            spec["min_p"] = float(parts[2])
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected LAYER:TOKENS or LAYER:TOKENS:MIN_P, e.g. 6:4 or 6:4:0.5",
+                                 param_hint="--speculative") from None
+    from vlsi_runtimes import Speculative
+
+    try:
+        Speculative.of(spec)
+    except Exception as e:
+        raise click.BadParameter(str(e), param_hint="--speculative") from None
+    return spec
 
 
 @main.command("eval")
