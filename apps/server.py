@@ -206,8 +206,13 @@ def _chunk(cid, created, model, delta, finish=None, **extra) -> str:
 
 
 def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, limits: Limits | None = None,
-               backend: str | None = None):
-    """A Starlette app serving ``runtime`` (anything from :func:`vlsi_runtimes.load`)."""
+               backend: str | None = None, speculative=None):
+    """A Starlette app serving ``runtime`` (anything from :func:`vlsi_runtimes.load`). With
+    ``speculative`` (a :class:`vlsi_runtimes.Speculative` or its fields) every answer is decoded
+    self-speculatively (the same tokens as plain greedy decoding), checked here before serving;
+    sampling requests (``temperature`` > 0) are refused, and each response's ``vlsi`` block
+    reports the drafted and accepted tokens."""
+    from vlsi_runtimes import Speculative
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.requests import Request
@@ -220,6 +225,9 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
     from starlette.staticfiles import StaticFiles
 
     limits = limits or Limits()
+    speculative = Speculative.of(speculative)
+    if speculative is not None:
+        runtime._speculation_check(speculative)  # a server that cannot do what it was started for does not start
     engine = Engine(runtime, model_name, limits)
     backend = backend or getattr(runtime, "name", "?")
     started = time.time()
@@ -286,6 +294,9 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                 raise ApiError(404, f"model {body.get('model')!r} does not exist here; this server has "
                                f"{model_name!r}", param="model", code="model_not_found")
             opts = parse_options(body, limits)
+            if speculative is not None and opts["temperature"] > 0:
+                raise ApiError(400, "this server decodes self-speculatively, which is greedy: send temperature 0 "
+                               "(or serve without --speculative to sample)", param="temperature")
             stream_options = body.get("stream_options")
             if stream_options is not None and not isinstance(stream_options, dict):
                 raise ApiError(400, "`stream_options` must be an object", param="stream_options")
@@ -326,7 +337,7 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                 with engine.lock:
                     t0 = time.perf_counter()
                     gen = runtime.generate(None, encoded, opts["max_new_tokens"], opts["temperature"], opts["top_p"],
-                                           opts["stop"], stream=True, seed=opts["seed"])
+                                           opts["stop"], stream=True, seed=opts["seed"], speculative=speculative)
                     gen_holder["gen"] = gen
                     if gen_holder.get("cancel"):
                         gen.cancel()
@@ -364,6 +375,13 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
             decode_s = timing["seconds"] - (timing["ttft_s"] or 0.0)
             rate = (gen.completion_tokens - 1) / decode_s if gen.completion_tokens > 1 and decode_s > 0 else None
             out = {"usage": usage(gen), "vlsi": {"backend": backend, **timing, "tokens_per_s": rate}}
+            if speculative is not None:
+                st = gen.stats
+                cycles = st.get("cycles", 0)
+                out["vlsi"]["speculative"] = {
+                    "layer": speculative.layer, "tokens": speculative.tokens, "cycles": cycles,
+                    "drafted": st.get("drafted", 0), "accepted": st.get("accepted", 0),
+                    "accepted_per_cycle": st.get("accepted", 0) / cycles if cycles else None}
             if layers is not None:
                 out["verbalizations"] = layers
             return out
@@ -445,13 +463,15 @@ class _TooLarge(Exception):
 
 
 def serve(model, backend: str = "auto", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, limits: Limits | None = None, providers: str | None = None) -> None:
+          name: str | None = None, limits: Limits | None = None, providers: str | None = None,
+          speculative=None) -> None:
     """Load ``model`` once and serve it until interrupted (``providers``: ONNX Runtime's execution
-    providers for an ONNX artifact, e.g. ``"tensorrt,cuda,cpu"``)."""
+    providers for an ONNX artifact, e.g. ``"tensorrt,cuda,cpu"``; ``speculative``: see :func:`create_app`)."""
     import uvicorn
     from vlsi_runtimes import load
 
     rt = load(model, backend=backend, **({"providers": providers} if providers else {}))
-    app = create_app(rt, name or Path(model).resolve().name, api_key=api_key, limits=limits, backend=rt.name)
+    app = create_app(rt, name or Path(model).resolve().name, api_key=api_key, limits=limits, backend=rt.name,
+                     speculative=speculative)
     print(f"vlsi serve: {Path(model)} on the {rt.name} backend at http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

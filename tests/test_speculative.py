@@ -245,3 +245,36 @@ def test_bench_speculative_rows(onnx_artifact, tiny_ckpt, tmp_path):
     assert "predicted speedup" in res.output and "verify 8" in res.output
     bad = CliRunner().invoke(main, ["bench", str(onnx_artifact), "--reference", str(tiny_ckpt), "--speculative", "1"])
     assert bad.exit_code != 0 and "--speculative" in bad.output and "LAYER:TOKENS" in bad.output
+
+
+def test_served_speculatively(onnx_artifact, tmp_path):
+    """`vlsi serve --speculative`: the openai client gets plain greedy decoding's answers (whole
+    and streamed) with the drafted/accepted counts; sampling is refused naming `temperature`;
+    a drafting layer without a head stops the server before it serves."""
+    pytest.importorskip("starlette", reason="the app extra is not installed")
+    openai = pytest.importorskip("openai", reason="the dev extra is not installed")
+    from tests.test_serve import _user, start_server, stop_server
+
+    rt = vlsi_runtimes.load(onnx_artifact)
+    png = tmp_path / "q.png"
+    _img(4).save(png)
+    data = png.read_bytes()
+    url, proc = start_server(onnx_artifact, tmp_path / "log", "--speculative", "1:3", "--name", "s")
+    try:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        for q in ("what colour is it?", "describe the picture"):
+            want = rt.generate([png], q, max_new_tokens=12)
+            r = c.chat.completions.create(model="s", messages=_user(data, q), max_tokens=12, temperature=0)
+            assert r.choices[0].message.content == want
+            sp = r.model_extra["vlsi"]["speculative"]
+            assert sp["layer"] == 1 and sp["tokens"] == 3 and sp["cycles"] >= 1 and sp["drafted"] >= sp["accepted"]
+            chunks = list(c.chat.completions.create(model="s", messages=_user(data, q), max_tokens=12, temperature=0,
+                                                    stream=True))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="s", messages=_user(data, "hi"), max_tokens=4, temperature=0.8)
+        assert e.value.body["param"] == "temperature"
+    finally:
+        stop_server(proc)
+    with pytest.raises(RuntimeError, match="speculative layer 2 has no verbalizer head"):
+        start_server(onnx_artifact, tmp_path / "log2", "--speculative", "2:3")

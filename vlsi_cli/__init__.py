@@ -413,13 +413,17 @@ def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb, max_images, ma
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--api-key", default=None, envvar="VLSI_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ (env VLSI_API_KEY).")
 @click.option("--name", default=None, help="Model id in the API (default: the folder name).")
+@click.option("--speculative", default=None, metavar="LAYER:TOKENS[:MIN_P]",
+              help="Decode every answer self-speculatively: draft with layer LAYER's verbalizer, up to TOKENS per "
+                   "cycle (stopping below MIN_P), verify with the model: plain greedy decoding's tokens, faster when "
+                   "the drafts are accepted. Greedy only (sampling requests are refused). ONNX artifacts.")
 @_limits_options
-def serve_cmd(model, backend, providers, host, port, api_key, name, **limits):
+def serve_cmd(model, backend, providers, host, port, api_key, name, speculative, **limits):
     """Serve an artifact or checkpoint: OpenAI-compatible /v1/chat/completions and the demo page at /."""
     from vlsi_apps.server import serve
 
     serve(model, backend=backend, host=host, port=port, api_key=api_key, name=name, limits=_limits(**limits),
-          providers=providers)
+          providers=providers, speculative=_parse_speculative(speculative) if speculative else None)
 
 
 @main.command("demo")

@@ -126,6 +126,8 @@ function statsLine(usage, v, first) {
   let s = `${v.backend || "?"} backend · time to first token ${ttft} s · ${tps} tokens/s · ${usage.completion_tokens} tokens`;
   const cached = usage.prompt_tokens_details ? usage.prompt_tokens_details.cached_tokens : null;
   if (typeof cached === "number") s += ` · ${usage.prompt_tokens} prompt tokens, ${cached} cached`;
+  const sp = v.speculative;
+  if (sp && sp.cycles) s += ` · drafting at layer ${sp.layer}: ${sp.accepted_per_cycle.toFixed(2)} accepted per cycle (${sp.accepted} of ${sp.drafted})`;
   return s;
 }
 
