@@ -209,9 +209,9 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                backend: str | None = None, speculative=None):
     """A Starlette app serving ``runtime`` (anything from :func:`vlsi_runtimes.load`). With
     ``speculative`` (a :class:`vlsi_runtimes.Speculative` or its fields) every answer is decoded
-    self-speculatively (the same tokens as plain greedy decoding), checked here before serving;
-    sampling requests (``temperature`` > 0) are refused, and each response's ``vlsi`` block
-    reports the drafted and accepted tokens."""
+    self-speculatively (greedy: plain greedy decoding's tokens; sampled: plain sampling's
+    distribution), checked here before serving; each response's ``vlsi`` block reports the
+    drafted and accepted tokens."""
     from vlsi_runtimes import Speculative
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
@@ -294,9 +294,6 @@ def create_app(runtime, model_name: str = "vlsi", api_key: str | None = None, li
                 raise ApiError(404, f"model {body.get('model')!r} does not exist here; this server has "
                                f"{model_name!r}", param="model", code="model_not_found")
             opts = parse_options(body, limits)
-            if speculative is not None and opts["temperature"] > 0:
-                raise ApiError(400, "this server decodes self-speculatively, which is greedy: send temperature 0 "
-                               "(or serve without --speculative to sample)", param="temperature")
             stream_options = body.get("stream_options")
             if stream_options is not None and not isinstance(stream_options, dict):
                 raise ApiError(400, "`stream_options` must be an object", param="stream_options")

@@ -124,7 +124,8 @@ class Speculative:
     probability falls below ``min_p``), verify every drafted token in one pass of the layers
     above, keep the longest prefix the model's own head agrees with and its next token, roll
     the rest of the KV cache back. Greedy output is the same as plain decoding's, token for
-    token, on artifacts whose passes are batch-invariant (see each backend)."""
+    token, on artifacts whose passes are batch-invariant (see each backend); sampled output is
+    distributed as plain sampling's (speculative sampling's acceptance rule)."""
 
     layer: int
     tokens: int = 4
@@ -210,21 +211,7 @@ class Runtime:
     def _pick(self, logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
         if temperature <= 0:
             return int(np.argmax(logits))
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            z = (logits.astype(np.float64) - float(np.max(logits))) / temperature  # <= 0: no overflow at tiny T
-            p = np.exp(z)
-        p = np.where(np.isfinite(p), p, 0.0)
-        if not p.sum() > 0:
-            return int(np.argmax(logits))
-        p /= p.sum()
-        if top_p < 1.0:
-            order = np.argsort(-p)
-            keep = np.cumsum(p[order]) - p[order] < top_p
-            mask = np.zeros_like(p, dtype=bool)
-            mask[order[keep]] = True
-            p = np.where(mask, p, 0.0)
-            p /= p.sum()
-        return int(rng.choice(len(p), p=p))
+        return int(rng.choice(len(logits), p=sampling_probs(logits, temperature, top_p)))
 
     def _check(self, max_new_tokens, temperature, top_p):
         if not 1 <= max_new_tokens <= self.max_new_tokens_cap:
@@ -292,9 +279,8 @@ class Runtime:
             raise ConfigError(f"layer {source} has no verbalizer here; kept: {list(self.verbalizer_layers)}")
         spec = Speculative.of(speculative)
         if spec is not None:
-            if source != FINAL or temperature > 0:
-                raise ConfigError("speculative decoding reads the model's own head, greedily: source='final' and "
-                                  "temperature=0 (sampling with speculation is not built yet)")
+            if source != FINAL:
+                raise ConfigError("speculative decoding decodes from the model's own head: source='final'")
             self._speculation_check(spec)
         rng = np.random.default_rng(seed)
         encoded = self.encode(images, prompt)
@@ -310,7 +296,8 @@ class Runtime:
         if spec is not None:
             stats = stats if stats is not None else {}
             stats.update(cycles=0, drafted=0, accepted=0)
-            yield from self._speculate(state, logits, keys, spec, max_new_tokens, ignore_eos, stats)
+            yield from self._speculate(state, logits, keys, spec, max_new_tokens, ignore_eos, stats,
+                                       temperature, top_p, rng)
             return
         try:
             for i in range(max_new_tokens):
@@ -358,12 +345,25 @@ class Runtime:
         raise NotImplementedError
 
     def _speculate(self, state, logits, keys: list, spec: Speculative, max_new_tokens: int, ignore_eos: bool,
-                   stats: dict) -> Iterator[int]:
-        """Greedy decoding in draft-and-verify cycles. A cycle starts from the next token
-        (known, not yet fed), drafts up to ``spec.tokens`` more with the drafting layers and
-        head, verifies them all in one pass, and yields the agreeing drafts and the model's own
-        token after them, which starts the next cycle: what plain greedy decoding yields."""
-        tok = int(np.argmax(logits[FINAL]))
+                   stats: dict, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> Iterator[int]:
+        """Decoding in draft-and-verify cycles. A cycle starts from the next token (known, not
+        yet fed), drafts up to ``spec.tokens`` more with the drafting layers and head, verifies
+        them all in one pass, and yields the drafts the model accepts and the model's own token
+        after them, which starts the next cycle. Greedy: a draft is accepted when it is the
+        model's argmax, so the tokens are plain greedy decoding's. Sampling: drafts are drawn
+        from the head's distribution and accepted by speculative sampling's rule
+        (:func:`accept_draft`), so the tokens are distributed as plain sampling's."""
+        greedy = temperature <= 0
+        rng = rng if rng is not None else np.random.default_rng(0)
+
+        def draw(lg):
+            """A token from ``lg`` as this decoding draws (and the distribution, when sampling)."""
+            if greedy:
+                return int(np.argmax(lg)), None
+            p = sampling_probs(lg, temperature, top_p)
+            return int(rng.choice(len(p), p=p)), p
+
+        tok = draw(logits[FINAL])[0]
         emitted = 0
         try:
             while True:
@@ -376,20 +376,32 @@ class Runtime:
                     return
                 start = self._fed(state)
                 drafts: list[int] = []
+                dists: list = []
                 fed = [self._draft_feed(state, tok)]
                 while len(drafts) < min(spec.tokens, room - 1):
                     head = self._draft_logits(fed[-1])
-                    d = int(np.argmax(head))
+                    d, q = draw(head)
                     drafts.append(d)
+                    dists.append(q)
                     if d in self.eos_ids and not ignore_eos:
                         break  # nothing after an end of sequence is worth drafting
                     fed.append(self._draft_feed(state, d))
                     if spec.min_p > 0 and _top_probability(head) < spec.min_p:
                         break
-                verified = np.argmax(self._verify(state, fed), axis=-1)
-                m = 0
-                while m < len(drafts) and m < len(fed) and drafts[m] == int(verified[m]):
+                rows = self._verify(state, fed)  # row j: the model's next-token logits after fed[j]
+                m, nxt = 0, None
+                for d, q, row in zip(drafts, dists, rows):
+                    if greedy:
+                        best = int(np.argmax(row))
+                        replaced = None if d == best else best
+                    else:
+                        replaced = accept_draft(sampling_probs(row, temperature, top_p), q, d, rng)
+                    if replaced is not None:
+                        nxt = replaced
+                        break
                     m += 1
+                if nxt is None and m < len(fed):  # every draft accepted: the row after the last one gives the next
+                    nxt = draw(rows[m])[0]
                 stats["cycles"] += 1
                 stats["drafted"] += len(drafts)
                 stats["accepted"] += m
@@ -403,9 +415,9 @@ class Runtime:
                     emitted += 1
                     if emitted >= max_new_tokens:
                         return
-                if m == len(fed):  # every verified row agreed and the last draft was not fed (an EOS)
+                if nxt is None:  # every draft accepted and the last one (an end of sequence) was not fed
                     return
-                tok = int(verified[m])
+                tok = nxt
         except GeneratorExit:
             raise
         except BaseException:
@@ -430,13 +442,11 @@ class Runtime:
 
         Greedy when ``temperature == 0``. Text is cut before the first ``stop`` string.
         ``speculative`` (a :class:`Speculative` or ``{"layer": k, "tokens": n, "min_p": p}``)
-        drafts with layer ``k``'s verbalizer and verifies with the model: the same tokens."""
+        drafts with layer ``k``'s verbalizer and verifies with the model: greedy, the same
+        tokens; sampling, tokens distributed as plain sampling's (not the same draws)."""
         self._check(max_new_tokens, temperature, top_p)  # now, not at the first piece of a stream
         spec = Speculative.of(speculative)
         if spec is not None:
-            if temperature > 0:
-                raise ConfigError("speculative decoding is greedy (temperature=0); sampling with speculation "
-                                  "is not built yet")
             self._speculation_check(spec)
         encoded = self.encode(images, prompt)
         gen = Generation(self, encoded, max_new_tokens, temperature, top_p, stop or [], seed, reuse, spec)
@@ -459,6 +469,40 @@ class Runtime:
         for tok in continuation or []:
             out.append(self._step(state, tok))
         return out
+
+
+def sampling_probs(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """The distribution sampling draws from: softmax at ``temperature`` (> 0), cut to the
+    smallest set of tokens whose probability reaches ``top_p``, renormalised."""
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = (logits.astype(np.float64) - float(np.max(logits))) / temperature  # <= 0: no overflow at tiny T
+        p = np.exp(z)
+    p = np.where(np.isfinite(p), p, 0.0)
+    if not p.sum() > 0:
+        p = np.zeros(len(logits))
+        p[int(np.argmax(logits))] = 1.0
+        return p
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def accept_draft(p: np.ndarray, q: np.ndarray, draft: int, rng) -> int | None:
+    """Speculative sampling's rule for one drafted token: keep ``draft`` (drawn from the
+    drafter's ``q``) with probability ``min(1, p[draft] / q[draft])`` (-> None), else draw the
+    replacement from ``max(0, p - q)`` renormalised (-> its id). The token that comes out is
+    distributed as ``p``, the model's own distribution, whatever ``q`` is."""
+    if q[draft] > 0 and rng.random() < min(1.0, p[draft] / q[draft]):
+        return None
+    rest = np.maximum(p - q, 0.0)
+    total = rest.sum()
+    return int(rng.choice(len(p), p=rest / total if total > 0 else p))
 
 
 def _top_probability(logits: np.ndarray) -> float:

@@ -415,8 +415,8 @@ def _limits(max_tokens, max_queue, max_image_pixels, max_body_mb, max_images, ma
 @click.option("--name", default=None, help="Model id in the API (default: the folder name).")
 @click.option("--speculative", default=None, metavar="LAYER:TOKENS[:MIN_P]",
               help="Decode every answer self-speculatively: draft with layer LAYER's verbalizer, up to TOKENS per "
-                   "cycle (stopping below MIN_P), verify with the model: plain greedy decoding's tokens, faster when "
-                   "the drafts are accepted. Greedy only (sampling requests are refused). ONNX artifacts.")
+                   "cycle (stopping below MIN_P), verify with the model: plain decoding's tokens (greedy) or "
+                   "distribution (sampling), faster when the drafts are accepted. ONNX artifacts.")
 @_limits_options
 def serve_cmd(model, backend, providers, host, port, api_key, name, speculative, **limits):
     """Serve an artifact or checkpoint: OpenAI-compatible /v1/chat/completions and the demo page at /."""
