@@ -70,7 +70,11 @@ class OnnxRuntime(SpecRuntime):
         else:
             eager = ("vision", "embed", *(s.graph for s in self.split.segments), self.split.lm_head.graph)
             self._heads = {h.layer: h for h in self.split.verbalizers}
-        self.graphs = {name: m.graph(name) for name in (*eager, *(h.graph for h in self._heads.values()))}
+        lazy = [h.graph for h in self._heads.values()]
+        if self.split is not None and self.split.draft_head is not None:
+            lazy.append(self.split.draft_head.graph)
+            self._draft_ids = np.asarray(self.split.draft_vocab, np.int64)
+        self.graphs = {name: m.graph(name) for name in (*eager, *lazy)}
         self.sessions = {name: self._open(name) for name in eager}  # head graphs open when first asked for
         self._check_decoder()
 
@@ -224,7 +228,17 @@ class OnnxRuntime(SpecRuntime):
         return h
 
     def _draft_logits(self, hidden: np.ndarray) -> np.ndarray:
-        return self._verbalizer(self._draft_layer, hidden)
+        """The drafting head's logits: through the reduced-vocabulary draft head when the
+        artifact has one (-inf outside its tokens), else through the full LM head."""
+        draft = self.split.draft_head
+        if draft is None:
+            return self._verbalizer(self._draft_layer, hidden)
+        head = self._heads[self._draft_layer]
+        normed = self._run_graph(head.graph, {head.input: hidden})[head.output]
+        sub = self._run_graph(draft.graph, {draft.input: normed})[draft.output][0, -1]
+        full = np.full(self.model["vocab_size"], -np.inf, np.float32)
+        full[self._draft_ids] = sub
+        return full
 
     def _verify(self, state, drafted: list) -> np.ndarray:
         n = len(drafted)

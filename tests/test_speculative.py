@@ -312,3 +312,35 @@ def test_served_speculatively(onnx_artifact, tmp_path):
         stop_server(proc)
     with pytest.raises(RuntimeError, match="speculative layer 2 has no verbalizer head"):
         start_server(onnx_artifact, tmp_path / "log2", "--speculative", "2:3")
+
+
+def test_reduced_vocabulary_draft_head(tiny_ckpt, synth_data, tmp_path):
+    """--draft-vocab: a draft head on the tokens of the training answers plus EOS, the LM head's
+    rows of those tokens; drafting with it proposes only those tokens (the full head's choice
+    among them) and the answers stay plain decoding's."""
+    data = synth_data / "train.json"
+    out = get_target("onnx")(tiny_ckpt, tmp_path / "dv", verbalizers=True, validate=False, draft_vocab=str(data))
+    m = load_manifest(out)
+    ids = m.decoder_split.draft_vocab
+    assert ids == sorted(set(ids)) and set(m.eos_token_ids) <= set(ids) and 10 < len(ids) < m.model["vocab_size"] // 2
+    assert m.graph("draft_head").outputs == ["draft_logits"]
+    rt = vlsi_runtimes.load(out)
+    rt._speculation_check(vlsi_runtimes.Speculative(3, 4))
+    state, _ = rt._prefill(rt.encode([_img(2)], "describe"))
+    rt._fed(state)
+    h = rt._draft_feed(state, 5)
+    reduced = rt._draft_logits(h)
+    full = rt._verbalizer(3, h)
+    assert int(np.argmax(reduced)) in ids
+    np.testing.assert_allclose(reduced[ids], full[ids], rtol=1e-5, atol=1e-5)
+    assert np.isneginf(np.delete(reduced, ids)).all()
+    for images, prompt in PROMPTS[:3]:
+        plain, drafted, stats = _both(rt, images, prompt, 16, {"layer": 3, "tokens": 4})
+        assert drafted == plain and stats["drafted"] > 0
+    with pytest.raises(ConfigError, match="--draft-vocab drafts after a verbalizer"):
+        get_target("onnx")(tiny_ckpt, tmp_path / "x", draft_vocab=str(data), validate=False)
+    bad = tmp_path / "ids.json"
+    bad.write_text(json.dumps([1, 2, 10**9]))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        get_target("onnx")(tiny_ckpt, tmp_path / "y", verbalizers=True, draft_vocab=str(bad), validate=False)
+    assert not (tmp_path / "y").exists()

@@ -302,3 +302,50 @@ def test_paper_faithful_interaction_under_torchrun(pair, tmp_path):
     assert not _changed(load_file(str(root / "sv" / VERBALIZERS_FILE)), load_file(str(out / VERBALIZERS_FILE)))
     rows = [json.loads(x) for x in (out / "training" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(len(r["matched"]) == 1 for r in rows)
+
+
+def test_drafter_heads_fit_the_models_own_head(pair, tmp_path):
+    """verbalizer.fit=final on the model's own answers (`vlsi data answers`): the backbone stays
+    as it was, the loss is the KL to the final head and falls, and the heads agree with the
+    final head (teacher-forced on those answers) more often than heads fitted to the
+    dataset's reference answers (today's verbalize stage) for as many steps on the same questions."""
+    from click.testing import CliRunner
+
+    from vlsi.data.loaders import load_records
+    from vlsi_cli import main
+
+    root, data = pair
+    own = tmp_path / "own.json"
+    res = CliRunner().invoke(main, ["data", "answers", "--model", str(root / "s"), "--data", data, "--out", str(own),
+                                    "--limit", "24", "--max-new-tokens", "12"])
+    assert res.exit_code == 0, res.output
+    records, _ = load_records(own)
+    assert 0 < len(records) <= 24
+    kw = {"verbalizer.target_layers": "1::2", "steps": 30, "optim.lr": 3e-3}
+    train(_cfg(stage="verbalize", model=str(root / "s"), data=str(own), out=str(tmp_path / "draft"),
+               **{**kw, "verbalizer.fit": "final"}))
+    train(_cfg(stage="verbalize", model=str(root / "s"), data=data, out=str(tmp_path / "labels"), limit=24, **kw))
+    before = load_file(str(root / "s" / "model.safetensors"))
+    after = load_file(str(tmp_path / "draft" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(x) for x in (tmp_path / "draft" / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    meta = json.loads((tmp_path / "draft" / "vlsi.json").read_text())
+    assert meta["provenance"]["config"]["verbalizer"]["fit"] == "final"
+
+    def agreement(path):
+        """Share of (answer token, head) pairs where the head's argmax is the final head's, teacher-forced."""
+        from vlsi.data.encode import Encoder
+        from vlsi_train.trainer import StudentForward, _answer_select
+
+        ck = load_checkpoint(path)
+        enc = Encoder(ck.adapter, ck.tokenizer, ck.image_processor, ck.model.config)
+        batch = enc.collate([enc.encode(r) for r in records])
+        sel, _ = _answer_select(batch.pop("labels"))
+        with torch.no_grad():
+            final, heads = StudentForward(ck.model.eval(), ck.verbalizers.eval())(batch, sel, True)
+        best = final.argmax(-1)
+        return float(torch.stack([(v.argmax(-1) == best).float().mean() for v in heads.values()]).mean())
+
+    a, b = agreement(tmp_path / "draft"), agreement(tmp_path / "labels")
+    assert a > b

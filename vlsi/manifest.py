@@ -142,6 +142,12 @@ class DecoderSplit:
     """Passes of 2 up to this many positions attend row by row in every segment
     (:mod:`vlsi_export.rowwise`): bit for bit what the positions give fed one at a time, which
     exact speculative verification needs. 0 in artifacts made before it."""
+    draft_head: Head | None = None
+    """A reduced-vocabulary LM head for drafting (``--draft-vocab``): the LM head's rows of
+    :attr:`draft_vocab` only, on what a verbalizer's own part returns. Verification uses the
+    full head, so drafting with it changes the speed, never the tokens."""
+    draft_vocab: list[int] = field(default_factory=list)
+    """Token ids of the draft head's rows, in order."""
 
     @property
     def split_layers(self) -> list[int]:
@@ -152,7 +158,9 @@ class DecoderSplit:
     def from_dict(cls, d: dict) -> DecoderSplit:
         return cls(segments=[Segment(**s) for s in d["segments"]], lm_head=Head(**d["lm_head"]),
                    verbalizers=[Head(**h) for h in d.get("verbalizers", [])],
-                   row_wise_rows=int(d.get("row_wise_rows", 0)))
+                   row_wise_rows=int(d.get("row_wise_rows", 0)),
+                   draft_head=Head(**d["draft_head"]) if d.get("draft_head") else None,
+                   draft_vocab=[int(t) for t in d.get("draft_vocab", [])])
 
 
 @dataclass
@@ -209,7 +217,8 @@ class Manifest:
                 split = DecoderSplit.from_dict(split)
             except (TypeError, KeyError) as e:
                 raise ArtifactError(f"{where}: decoder_split is malformed ({e!r}); re-export the artifact") from None
-            named = [s.graph for s in split.segments] + [h.graph for h in (split.lm_head, *split.verbalizers)]
+            heads = (split.lm_head, *split.verbalizers, *([split.draft_head] if split.draft_head else []))
+            named = [s.graph for s in split.segments] + [h.graph for h in heads]
             unknown = [g for g in named if g not in graphs]
             if unknown:
                 raise ArtifactError(f"{where}: decoder_split names graphs {unknown} that are not in graphs; "

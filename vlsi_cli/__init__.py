@@ -109,6 +109,24 @@ def data_synth(out, n, seed, n_eval, n_pool, image_size, grid, min_objects, max_
     click.echo(json.dumps(stats.as_dict(), indent=2, default=str))
 
 
+@data.command("answers")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint whose greedy answers replace the references.")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="LLaVA .json with the images and questions.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="LLaVA .json to write.")
+@click.option("--limit", type=int, default=None, help="Answer only the first N records.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Longest answer.")
+def data_answers(model_dir, data_path, out, limit, max_new_tokens):
+    """A copy of a dataset answered by a model itself (greedy): a teacher's answers for
+    sequence-level distillation, or a model's own for fitting drafter heads
+    (``verbalizer.fit=final``)."""
+    from vlsi_train.teacher_labels import label_with_teacher
+
+    path = label_with_teacher(model_dir, data_path, out, max_new_tokens=max_new_tokens, limit=limit)
+    click.echo(f"wrote {path}")
+
+
 @main.command("tiny")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
 @click.option("--arch", default="qwen2_vl", show_default=True, help="Architecture adapter (qwen2_vl, qwen2_5_vl, llava_onevision).")

@@ -26,6 +26,10 @@ class OnnxOptions(CommonOptions):
     symmetric: bool = option(True, "int8-nbits, int4: symmetric blocks (--no-symmetric: with zero points).")
     split_layers: str | None = option(None, "Also split the decoder after these layers (1-based, e.g. '6' or "
                                             "'4,12'), besides after every kept verbalizer layer.")
+    draft_vocab: str | None = option(None, "With --verbalizers: also a reduced-vocabulary draft head for "
+                                           "self-speculative decoding, on the tokens of this dataset's answers (any "
+                                           "format vlsi reads) plus the end-of-sequence ids, or on the ids of a .json "
+                                           "list. Exact: verification uses the full head.")
 
 
 def parse_split_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
@@ -66,6 +70,8 @@ class OnnxTarget(Target):
 
     def check(self, opts):
         super().check(opts)
+        if opts.draft_vocab and not opts.verbalizers:
+            raise ConfigError("--draft-vocab drafts after a verbalizer's own part: export with --verbalizers too")
         if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
             raise ConfigError(f"--block-size {opts.block_size}: must be a power of two >= 16")
 
@@ -81,6 +87,8 @@ class OnnxTarget(Target):
         raw.mkdir()
         io, split = get_export(ck.adapter.name, "onnx").export(ck, ck.verbalizers if opts.verbalizers else None, raw,
                                                                 model_block, split_layers)
+        if opts.draft_vocab:
+            io["draft_head"] = export_draft_head(ck, draft_vocab(opts.draft_vocab, ck, model_block), raw, split)
         # segments attend row by row over a few positions, so that verifying drafted tokens in
         # one pass gives what decoding them one by one does (vlsi_export/rowwise.py)
         from .rowwise import MAX_ROWS, row_wise_attention
@@ -111,3 +119,60 @@ class OnnxTarget(Target):
                  "symmetric": opts.symmetric, "opset": OPSET}
         return Written(precision=opts.quant, graphs=graphs, quantization=quant, decoder_split=split)
 
+
+def draft_vocab(source: str, ck, model_block: dict) -> list[int]:
+    """The draft head's token ids: a .json list of ids, or every token of a dataset's answers
+    (its last assistant turns) plus the end-of-sequence ids; sorted, checked against the vocabulary."""
+    import json
+    from pathlib import Path
+
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"--draft-vocab {source}: no such file")
+    vocab = int(model_block["vocab_size"])
+    data = None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--draft-vocab {source}: not valid JSON ({e})") from None
+    if isinstance(data, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
+        ids = set(data)
+    else:
+        from vlsi.data.loaders import load_records
+
+        records, _ = load_records(path, check_images=False)
+        ids = set()
+        for r in records:
+            answers = [t.text for t in r.turns if t.role == "assistant"]
+            if answers:
+                ids.update(ck.tokenizer.encode(answers[-1], add_special_tokens=False).ids)
+        if not ids:
+            raise ConfigError(f"--draft-vocab {source}: no answers to take tokens from")
+    from vlsi.archs import get_spec
+
+    ids.update(int(t) for t in get_spec(ck.adapter.name).eos_ids(ck.tokenizer))
+    bad = sorted(t for t in ids if not 0 <= t < vocab)
+    if bad:
+        raise ConfigError(f"--draft-vocab {source}: token ids {bad[:5]} are outside the vocabulary of {vocab}")
+    return sorted(ids)
+
+
+def export_draft_head(ck, ids: list[int], folder, split) -> dict:
+    """``draft_head.onnx``: ``normed_hidden (B, T, D) -> draft_logits (B, T, len(ids))``, the LM
+    head's rows ``ids``; recorded in ``split``. -> its I/O names."""
+    import torch
+
+    from vlsi.archs.onnx import HEAD_INPUT, OPSET
+    from vlsi.manifest import Head
+
+    weight = ck.adapter.lm_head(ck.model).weight.detach()[torch.tensor(ids)].clone()
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(weight)
+    dyn = torch.export.Dim.DYNAMIC
+    torch.onnx.export(head.eval(), (torch.zeros(1, 2, weight.shape[1]),), str(folder / "draft_head.onnx"),
+                      input_names=[HEAD_INPUT], output_names=["draft_logits"],
+                      dynamic_shapes={"input": {0: dyn, 1: dyn}}, dynamo=True, verbose=False, opset_version=OPSET)
+    split.draft_head = Head("draft_head", HEAD_INPUT, "draft_logits")
+    split.draft_vocab = list(ids)
+    return {"inputs": [HEAD_INPUT], "outputs": ["draft_logits"]}

@@ -56,6 +56,12 @@ class VerbalizerSpec:
     """paper: ffn / mlp / decoder_block at the sizes of the paper's Table 4(f); legacy: the
     smaller stand-ins vlsi built before (ffn at 4 x hidden, mlp as two linears, decoder_block as
     full-width attention without rotary positions plus a verb-FFN), to compare with old runs."""
+    fit: Literal["labels", "final"] = "labels"
+    """verbalize stage: what the heads learn. labels: the reference answers (cross-entropy; the
+    paper's verbalization step). final: the model's own final head, KL(final || head) on every
+    answer token: drafter heads for self-speculative decoding, whose acceptance is agreement
+    with the final head. Fit them after the last stage that changes the backbone, on answers
+    the model gave itself (``vlsi data answers --model M``)."""
 
 
 Freezable = Literal["lm_head", "embed_tokens", "vision_tower", "projector"]

@@ -206,7 +206,14 @@ class Trainer:
                 total = nn.functional.cross_entropy(final.float(), targets, reduction="sum")
                 logs["loss"] = total.item()
             elif stage == "verbalize":
-                per_layer = {k: nn.functional.cross_entropy(v.float(), targets, reduction="sum") for k, v in vl.items()}
+                if cfg.verbalizer.fit == "final":  # drafters: the model's own head, KL(final || head)
+                    from .losses import kl_div
+
+                    own = final.detach()
+                    per_layer = {k: kl_div(v, own, "forward", reduce=False).sum() for k, v in vl.items()}
+                else:
+                    per_layer = {k: nn.functional.cross_entropy(v.float(), targets, reduction="sum")
+                                 for k, v in vl.items()}
                 total = sum(per_layer.values())
                 logs.update({f"loss_l{k}": v.item() for k, v in per_layer.items()})
                 logs["loss"] = total.item()
