@@ -153,3 +153,36 @@ def test_page_keeps_a_conversation_with_layer_panel(server, rt, browser, tmp_pat
 
     # (b) the follow-up answer is the runtime's for the same conversation (the message-list form)
     assert shown[1] == rt.generate(messages, max_new_tokens=16)
+
+
+@pytest.mark.slow
+def test_page_shows_speculative_drafting(onnx_artifact, browser, tmp_path):
+    """Served with --speculative, the page's answer is plain greedy decoding's and its stats line
+    says what the drafter did (accepted tokens per cycle, of how many drafted)."""
+    import vlsi_runtimes
+    from PIL import Image
+
+    from .test_serve import start_server, stop_server
+
+    image = tmp_path / "q.png"
+    image.write_bytes(_png(2))
+    want = vlsi_runtimes.load(onnx_artifact).generate([Image.open(image)], "describe the picture", max_new_tokens=12)
+    url, proc = start_server(onnx_artifact, tmp_path / "log", "--speculative", "3:4")
+    try:
+        page = browser.new_page(viewport={"width": 900, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_function("document.querySelector('#model').textContent.includes('onnx backend')")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#preview:not([hidden])")
+        page.fill("#question", "describe the picture")
+        page.fill("#max-tokens", "12")
+        page.click("#send")
+        page.wait_for_selector("#output[data-answers='1']", timeout=60_000)
+        assert page.locator("#chat .turn.assistant .text").all_text_contents() == [want]
+        page.wait_for_function("document.querySelector('#stats').textContent.includes('accepted per cycle')")
+        stats = page.text_content("#stats")
+        assert "drafting at layer 3" in stats and not errors
+    finally:
+        stop_server(proc)
