@@ -16,6 +16,7 @@ from vlsi.errors import VLsIError
 # command path -> "module:function" it wraps
 COMMANDS = {
     "data synth": "vlsi.data.synth:generate",
+    "data answers": "vlsi_train.teacher_labels:label_with_teacher",
     "train run": "vlsi_train.pipeline:run",
     "quickstart": "vlsi_train.quickstart:quickstart",
     "train ablate": "vlsi_train.ablate:ablate",
