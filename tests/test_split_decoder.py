@@ -138,8 +138,10 @@ def test_split_graphs_compute_what_the_one_graph_decoder_did(onnx_artifact, one_
 
 def test_segments_take_the_cache_into_onnx_attention_and_rotary(onnx_artifact):
     """Each segment's layers are ONNX's own ops, not written out: one ``Attention`` per layer fed
-    that layer's ``past_key/past_value`` and returning its ``present``, rotary as
-    ``RotaryEmbedding`` on the packed projections, no transpose and no concatenation of the cache."""
+    that layer's ``past_key/past_value`` and returning its ``present`` (inside the ``If`` that
+    attends row by row over a few positions, whose other branch is the node as exported), rotary
+    as ``RotaryEmbedding`` on the packed projections, no transpose and no concatenation of the
+    cache outside that branch."""
     import onnx
 
     m = load_manifest(onnx_artifact)
@@ -147,13 +149,15 @@ def test_segments_take_the_cache_into_onnx_attention_and_rotary(onnx_artifact):
         g = onnx.load(str(onnx_artifact / m.graph(seg.graph).file), load_external_data=False).graph
         ops = [n.op_type for n in g.node]
         layers = seg.last_layer - seg.first_layer + 1
-        assert ops.count("Attention") == layers and ops.count("RotaryEmbedding") == 2 * layers
-        assert "Transpose" not in ops
+        assert ops.count("If") == layers and ops.count("RotaryEmbedding") == 2 * layers
+        assert "Transpose" not in ops and "Attention" not in ops
         assert not [n for n in g.node if n.op_type == "Concat" and any(i.startswith("past_") for i in n.input)]
-        attn = [n for n in g.node if n.op_type == "Attention"]
-        for i, n in zip(range(seg.first_layer - 1, seg.last_layer), attn):
-            assert list(n.input[4:6]) == [f"past_key_{i}", f"past_value_{i}"]
+        ifs = [n for n in g.node if n.op_type == "If"]
+        for i, n in zip(range(seg.first_layer - 1, seg.last_layer), ifs):
             assert list(n.output[1:3]) == [f"present_key_{i}", f"present_value_{i}"]
+            whole = {a.name: a.g for a in n.attribute}["else_branch"]
+            attn = [x for x in whole.node if x.op_type == "Attention"]
+            assert len(attn) == 1 and list(attn[0].input[4:6]) == [f"past_key_{i}", f"past_value_{i}"]
 
 
 def test_no_weight_is_in_two_decoder_graphs(onnx_artifact, ckpt):
