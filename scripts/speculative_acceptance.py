@@ -11,7 +11,9 @@ from the cycle's start, capped at the draft length, plus the model's own token).
     python scripts/speculative_acceptance.py --out runs/acceptance            # ~15 min on 2 cores
     python scripts/speculative_acceptance.py --out /tmp/acc --steps 20 --n 200  # a smoke run
 
-Writes ``acceptance.json``, ``acceptance.md`` and ``acceptance.png`` into ``--out``; with
+Writes ``acceptance.json`` (with every answer's agreement pattern per layer, which
+``scripts/speculative_replay.py`` replays on a bigger model), ``acceptance.md`` and
+``acceptance.png`` into ``--out``; with
 ``--costs BENCH.json`` (rows of ``vlsi bench --speculative --out``, or the JSON line of
 ``python -m vlsi_runtimes.bench speculative ...``) it also predicts the speedup per layer from
 those measured costs (draft layers scaled by depth).
@@ -146,9 +148,12 @@ def main() -> None:
     costs = json.loads(a.costs.read_text()) if a.costs else None
     if isinstance(costs, list):  # `vlsi bench --out` rows: the speculative block
         costs = next(r["speculative"][0] for r in costs if "speculative" in r)
-    result = {"layers": a.layers, "hidden": a.hidden, "test_answers": a.test, "heads": {}}
+    result = {"layers": a.layers, "hidden": a.hidden, "test_answers": a.test, "heads": {}, "patterns": {}}
     for kind, path in heads.items():
         runs = agreement(path, own_test, a.test)
+        # per answer, "1" where the head agreed: what scripts/speculative_replay.py replays
+        result["patterns"][kind] = {layer: ["".join("1" if x else "0" for x in hits) for hits in pattern]
+                                    for layer, pattern in runs.items()}
         rows = {}
         for layer, pattern in runs.items():
             flat = np.concatenate(pattern) if pattern else np.zeros(0, bool)
