@@ -323,7 +323,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ self-speculative decoding
     def _speculation_check(self, spec: Speculative) -> None:
-        """Refuse ``spec`` where this runtime cannot draft that way, or not exactly."""
+        """Refuse ``spec`` where this runtime cannot draft that way, or not exactly; else make
+        the runtime ready to draft that way (the drafting layer's graphs)."""
         raise ConfigError(f"the {self.name} backend does not decode speculatively")
 
     def _draft_feed(self, state, token: int):

@@ -353,14 +353,12 @@ def measure_speculative(path: str, spec, new_tokens: int, runs: int, threads: in
         head.append(timed(lambda: rt._draft_logits(h))[0])
         rt._verify(state, [h])
         rt._rollback(state, base)
-        rt._fed(state)
     for m in range(1, 9):
         got = []
         for _ in range(reps):
             fed = [rt._draft_feed(state, tok) for _ in range(m)]
             got.append(timed(lambda: rt._verify(state, fed))[0])
             rt._rollback(state, base)
-            rt._fed(state)
         verify[m] = statistics.median(got) / step
     c_low, c_head = statistics.median(low) / step, statistics.median(head) / step
     cycles = max(totals["cycles"], 1)

@@ -166,10 +166,14 @@ class OnnxRuntime(SpecRuntime):
             raise RuntimeError(f"layer {layer}'s state was not kept for this step (capture_layers was off)")
         return captured[layer]
 
-    def _lm_head(self, normed: np.ndarray) -> np.ndarray:
-        """``(1, T, D)`` states after a final or verbalizer norm -> the last one's ``(V,)`` logits."""
+    def _head_rows(self, normed: np.ndarray) -> np.ndarray:
+        """``(1, T, D)`` states after a final or verbalizer norm -> their ``(T, V)`` logits."""
         head = self.split.lm_head
-        return self._run_graph(head.graph, {head.input: normed})[head.output][0, -1]
+        return self._run_graph(head.graph, {head.input: normed})[head.output][0]
+
+    def _lm_head(self, normed: np.ndarray) -> np.ndarray:
+        """The last of :meth:`_head_rows`: the next token's ``(V,)`` logits."""
+        return self._head_rows(normed)[-1]
 
     def _verbalizer(self, layer: int, hidden: np.ndarray) -> np.ndarray:
         """Verbalizer ``layer``'s logits from the hidden state captured after that layer."""
@@ -215,16 +219,15 @@ class OnnxRuntime(SpecRuntime):
         self._lower, self._upper = self.split.segments[:cut], self.split.segments[cut:]
 
     def _fed(self, state) -> int:
-        state["drafted"] = 0
         return state["length"]
 
     def _draft_feed(self, state, token: int) -> np.ndarray:
+        """``state["drafted"]``: positions the drafting layers hold beyond ``state["length"]``."""
+        drafted = state.get("drafted", 0)
         emb = self._embed_tokens(np.array([[token]], np.int64))
-        at = state["next_pos"] + state["drafted"]
-        pos = np.full((self.spec.position_axes, 1, 1), at, np.int64)
-        past = state["past"]
-        h = self._segments(self._lower, past, emb, state["length"] + state["drafted"], pos)
-        state["drafted"] += 1
+        pos = np.full((self.spec.position_axes, 1, 1), state["next_pos"] + drafted, np.int64)
+        h = self._segments(self._lower, state["past"], emb, state["length"] + drafted, pos)
+        state["drafted"] = drafted + 1
         return h
 
     def _draft_logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -250,10 +253,10 @@ class OnnxRuntime(SpecRuntime):
         state["length"] += n
         state["next_pos"] += n
         state["drafted"] = 0
-        head = self.split.lm_head
-        return self._run_graph(head.graph, {head.input: h})[head.output][0]
+        return self._head_rows(h)
 
     def _rollback(self, state, n: int) -> None:
+        state["drafted"] = 0
         drop = state["length"] - n
         if drop:
             self._truncate(state, n)
