@@ -260,7 +260,7 @@ def _onnx_engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads:
     def forward(past, tokens, start):
         h = sess["embed"].run(None, {"input_ids": tokens})[0]
         n = tokens.shape[1]
-        feed = {"attention_mask": np.ones((1, start + n), np.int64),
+        feed = {"attention_mask": np.ones((1, start + n), np.int64), "row_wise": np.array(False),
                 "position_ids": np.broadcast_to(np.arange(start, start + n, dtype=np.int64), (axes, 1, n)).copy()}
         for s in split.segments:
             g = graphs[s.graph]

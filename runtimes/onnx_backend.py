@@ -129,13 +129,16 @@ class OnnxRuntime(SpecRuntime):
     def _vision(self, vision) -> np.ndarray:
         return self._run_graph("vision", vision.feeds)["image_embeds"]
 
-    def _segments(self, segments, past: list, h: np.ndarray, cached: int, positions, captured=None) -> np.ndarray:
+    def _segments(self, segments, past: list, h: np.ndarray, cached: int, positions, captured=None,
+                  row_wise: bool = False) -> np.ndarray:
         """Run ``segments`` in turn on ``h (1, T, D)`` after ``cached`` positions, updating their
         layers' entries of ``past``; -> the last one's hidden state. ``captured`` receives the
-        last position's state after each kept verbalizer layer."""
+        last position's state after each kept verbalizer layer. ``row_wise``: attend row by row
+        (verifying drafts; segments exported before that input attend so whenever T <= 16)."""
         mask = np.ones((1, cached + h.shape[1]), np.int64)
         for seg in segments:
-            feed = {seg.hidden_in: h, "attention_mask": mask, "position_ids": positions}
+            feed = {seg.hidden_in: h, "attention_mask": mask, "position_ids": positions,
+                    "row_wise": np.array(row_wise)}
             layers = range(seg.first_layer - 1, seg.last_layer)
             for i in layers:
                 feed[f"past_key_{i}"], feed[f"past_value_{i}"] = past[i]
@@ -249,7 +252,7 @@ class OnnxRuntime(SpecRuntime):
         first = state["next_pos"]
         pos = np.broadcast_to(np.arange(first, first + n, dtype=np.int64), (self.spec.position_axes, 1, n)).copy()
         if self._upper:
-            h = self._segments(self._upper, state["past"], h, state["length"], pos)
+            h = self._segments(self._upper, state["past"], h, state["length"], pos, row_wise=True)
         state["length"] += n
         state["next_pos"] += n
         state["drafted"] = 0

@@ -96,7 +96,7 @@ def _chain(folder, m, feed_embeds) -> tuple[np.ndarray, dict]:
 
     n = feed_embeds.shape[1]
     common = {"attention_mask": np.ones((1, n), np.int64),
-              "position_ids": np.broadcast_to(np.arange(n), (3, 1, n)).copy()}
+              "position_ids": np.broadcast_to(np.arange(n), (3, 1, n)).copy(), "row_wise": np.array(False)}
     empty = np.zeros((1, m.model["num_kv_heads"], 0, m.model["head_dim"]), np.float32)
     h, captured = feed_embeds, {}
     for s in m.decoder_split.segments:

@@ -187,44 +187,66 @@ def test_sampling_with_an_agreeing_drafter_accepts_everything(agreeing):
 
 
 def test_row_wise_attention_equals_one_position_at_a_time(onnx_artifact):
-    """A segment over 2..16 new positions returns, bit for bit, what the positions give fed one
-    at a time; the Attention node it replaced, over the same rows, does not."""
+    """A segment asked to attend row by row over 2..16 new positions returns, bit for bit, what
+    the positions give fed one at a time; not asked (a prompt, a follow-up's new tokens), it runs
+    the Attention node it replaced, bit for bit."""
     import onnx
 
-    from vlsi_export.rowwise import row_wise_attention  # noqa: F401  (the rewrite under test)
+    from vlsi_export.rowwise import ROW_WISE_INPUT
 
     m = load_manifest(onnx_artifact)
     assert m.decoder_split.row_wise_rows == 16
     seg = m.decoder_split.segments[1]
     g = m.graph(seg.graph)
+    assert ROW_WISE_INPUT in g.inputs
     sess = ort.InferenceSession(str(onnx_artifact / g.file))
     model = onnx.load(str(onnx_artifact / g.file))
-    assert sum(n.op_type == "If" for n in model.graph.node) == seg.last_layer - seg.first_layer + 1
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == seg.last_layer - seg.first_layer + 1
+    # the graph as it was before the rewrite: each If replaced by the node its else branch holds
+    for node in ifs:
+        (inner,) = next(a.g for a in node.attribute if a.name == "else_branch").node
+        assert inner.op_type == "Attention"
+        del inner.output[:]
+        inner.output.extend(node.output)
+        at = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(at, inner)
+    original = ort.InferenceSession(model.SerializeToString())
     mm = m.model
     rng = np.random.default_rng(0)
     layers = range(seg.first_layer - 1, seg.last_layer)
 
-    def run(h, start, past):
+    def run(h, start, past, row_wise, session=sess):
         feed = {seg.hidden_in: h, "attention_mask": np.ones((1, start + h.shape[1]), np.int64),
-                "position_ids": np.broadcast_to(np.arange(start, start + h.shape[1]), (3, 1, h.shape[1])).copy()}
+                "position_ids": np.broadcast_to(np.arange(start, start + h.shape[1]), (3, 1, h.shape[1])).copy(),
+                ROW_WISE_INPUT: np.array(row_wise)}
         for i in layers:
             feed[f"past_key_{i}"], feed[f"past_value_{i}"] = past[i]
-        return dict(zip(g.outputs, sess.run(g.outputs, feed)))
+        names = [o.name for o in session.get_outputs()]
+        inputs = {i.name for i in session.get_inputs()}
+        return dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in inputs})))
 
     cached = 9
     past = {i: tuple(rng.standard_normal((1, mm["num_kv_heads"], cached, mm["head_dim"])).astype(np.float32)
                      for _ in range(2)) for i in layers}
+    differs = []
     for rows in (2, 5, 16):
         h = rng.standard_normal((1, rows, mm["hidden_size"])).astype(np.float32)
-        together = run(h, cached, past)
+        together = run(h, cached, past, True)
         p, one = dict(past), []
         for t in range(rows):
-            o = run(h[:, t:t + 1], cached + t, p)
+            o = run(h[:, t:t + 1], cached + t, p, False)
             one.append(o[seg.hidden_out])
             p = {i: (o[f"present_key_{i}"], o[f"present_value_{i}"]) for i in layers}
         assert np.array_equal(together[seg.hidden_out], np.concatenate(one, axis=1)), rows
         for i in layers:
             assert np.array_equal(together[f"present_key_{i}"], p[i][0])
+        as_is, before = run(h, cached, past, False), run(h, cached, past, False, original)
+        for name in g.outputs:
+            assert np.array_equal(as_is[name], before[name]), (rows, name)
+        differs.append(not np.array_equal(together[seg.hidden_out], before[seg.hidden_out]))
+    assert any(differs)  # the node over several rows is not the one-row calls: the flag chose the path
 
 
 def test_exact_at_8_bit_block_weights_and_refused_where_it_cannot_be(tiny_ckpt, onnx_artifact, tmp_path):

@@ -119,7 +119,7 @@ def test_split_graphs_compute_what_the_one_graph_decoder_did(onnx_artifact, one_
         h, captured = feed["inputs_embeds"], {}
         for s in split.segments:
             g = m.graph(s.graph)
-            given = {**feed, s.hidden_in: h}
+            given = {**feed, s.hidden_in: h, "row_wise": np.array(False)}
             outs = dict(zip(g.outputs, sessions[s.graph].run(g.outputs, {n: given[n] for n in g.inputs})))
             h = captured[s.last_layer] = outs[s.hidden_out]
             assert h.shape == (b, length, m.model["hidden_size"])  # every position, not the last only

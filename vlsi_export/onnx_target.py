@@ -91,13 +91,14 @@ class OnnxTarget(Target):
             io["draft_head"] = export_draft_head(ck, draft_vocab(opts.draft_vocab, ck, model_block), raw, split)
         # segments attend row by row over a few positions, so that verifying drafted tokens in
         # one pass gives what decoding them one by one does (vlsi_export/rowwise.py)
-        from .rowwise import MAX_ROWS, row_wise_attention
+        from .rowwise import MAX_ROWS, ROW_WISE_INPUT, row_wise_attention
 
         for seg in split.segments:
             path = raw / f"{seg.graph}.onnx"
             graph = onnx.load(str(path))
             row_wise_attention(graph, MAX_ROWS)
             save_model(graph, path)
+            io[seg.graph]["inputs"].append(ROW_WISE_INPUT)
         split.row_wise_rows = MAX_ROWS
         # every decoder graph (segments, LM head, verbalizer heads) at the decoder's precision
         precision = {name: opts.quant for name in io}
