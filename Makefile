@@ -14,10 +14,10 @@ GGUF    = $(VENV)/.gguf-installed
 
 # System packages the tests need, as Debian names them, each with the commands that count as
 # having it: chromium for the browser test (Playwright drives it; no browser download) and g++
-# for llama-cpp-python's build of llama.cpp.
-SYSDEPS = "chromium:chromium chromium-browser google-chrome" "g++:g++ c++ clang++"
+# for llama-cpp-python's build of llama.cpp, cmake for llama.cpp's speculative example (make llama-tools).
+SYSDEPS = "chromium:chromium chromium-browser google-chrome" "g++:g++ c++ clang++" "cmake:cmake"
 
-.PHONY: setup sysdeps quickstart test clean
+.PHONY: setup sysdeps quickstart test clean llama-tools
 
 $(BIN)/vlsi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +71,17 @@ $(MODELOPT): $(BIN)/vlsi
 	$(BIN)/pip install -q --no-deps "nvidia-modelopt==0.47.0"
 	@touch $@
 
-test: sysdeps setup $(GGUF) $(MODELOPT)
+# llama.cpp's own speculative decoding (llama-speculative-simple), built from the llama.cpp source
+# llama-cpp-python vendors (about 4 min): `vlsi bench --speculative` compares with it, the tests
+# run the exported draft GGUF in it.
+LLAMA_TOOLS = $(VENV)/llama.cpp-tools
+
+$(LLAMA_TOOLS)/bin/llama-speculative-simple: $(GGUF)
+	scripts/build_llama_tools.sh $(BIN)/python $(LLAMA_TOOLS)
+
+llama-tools: $(LLAMA_TOOLS)/bin/llama-speculative-simple
+
+test: sysdeps setup $(GGUF) $(MODELOPT) $(LLAMA_TOOLS)/bin/llama-speculative-simple
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -125,13 +125,22 @@ class Speculative:
     above, keep the longest prefix the model's own head agrees with and its next token, roll
     the rest of the KV cache back. Greedy output is the same as plain decoding's, token for
     token, on artifacts whose passes are batch-invariant (see each backend); sampled output is
-    distributed as plain sampling's (speculative sampling's acceptance rule)."""
+    distributed as plain sampling's (speculative sampling's acceptance rule).
+
+    ``drafter``: ``"verbalizer"`` (the layer's verbalizer head, the default) or ``"model"`` (the
+    llama.cpp backend's draft model with its own final norm and output matrix, i.e. the logit
+    lens at ``layer``: what llama.cpp's own draft-model speculation does with that file)."""
 
     layer: int
     tokens: int = 4
     min_p: float = 0.0
+    drafter: str = "verbalizer"
+
+    DRAFTERS = ("verbalizer", "model")
 
     def __post_init__(self):
+        if self.drafter not in self.DRAFTERS:
+            raise ConfigError(f"speculative drafter={self.drafter!r}: one of {', '.join(self.DRAFTERS)}")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise ConfigError(f"speculative tokens={self.tokens!r}: draft at least 1 token per cycle")
         if not 0.0 <= self.min_p < 1.0:
@@ -143,9 +152,9 @@ class Speculative:
         if value is None or isinstance(value, Speculative):
             return value
         if isinstance(value, Mapping):
-            unknown = set(value) - {"layer", "tokens", "min_p"}
+            unknown = set(value) - {"layer", "tokens", "min_p", "drafter"}
             if unknown or "layer" not in value:
-                raise ConfigError(f"speculative takes layer, tokens and min_p; got {sorted(value)}")
+                raise ConfigError(f"speculative takes layer, tokens, min_p and drafter; got {sorted(value)}")
             return cls(**value)
         raise ConfigError(f"speculative must be a Speculative or a mapping, not {type(value).__name__}")
 

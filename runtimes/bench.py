@@ -297,44 +297,29 @@ SPEC_PROMPTS = ("Describe a red square next to a blue circle.", "Count the shape
                 "What is left of the green triangle?", "Tell a short story about three circles.")
 
 
-def measure_speculative(path: str, spec, new_tokens: int, runs: int, threads: int) -> dict:
-    """Self-speculative decoding against plain decoding of the same artifact, in one process,
-    alternating on the same prompts: decode tok/s of each, the speedup, drafted and accepted
-    tokens, whether every answer is plain decoding's, and the cost model: a plain step, a draft
-    step (the layers up to the drafting one; its head), a verifying pass over m = 1..8 positions,
-    all in plain steps, and the speedup they predict for the acceptance measured."""
-    import vlsi_runtimes
+def _speculative_ways(rt, spec) -> list[tuple[str, object]]:
+    """What ``measure_speculative`` times against plain decoding: ``(name, Speculative)`` for
+    vlsi's own loops, ``(name, "tool")`` for llama.cpp's own speculative decoding."""
+    from dataclasses import replace
 
-    from .base import Speculative
+    from vlsi.llama_cpp import speculative_tool
 
-    spec = Speculative.of(spec)
-    rt = vlsi_runtimes.load(path, **({"threads": threads} if threads else {}))
+    if rt.name != "gguf":
+        return [("vlsi, verbalizer drafter", spec)]
+    ways = []
+    if spec.layer in rt.verbalizer_layers:
+        ways.append(("vlsi, verbalizer drafter", replace(spec, drafter="verbalizer")))
+    ways.append(("vlsi, draft model's own head", replace(spec, drafter="model")))
+    if speculative_tool() is not None:
+        ways.append(("llama.cpp llama-speculative-simple", "tool"))
+    return ways
+
+
+def _cost_terms(rt, spec, reps: int) -> dict:
+    """The cost model's terms for drafting as ``spec`` says, each timed on a real state (medians
+    of ``reps``), in plain decode steps: a draft step through the drafting layers, its head, a
+    verifying pass over m = 1..8 positions."""
     rt._speculation_check(spec)
-    rates: dict[str, list[float]] = {"plain": [], "speculative": []}
-    same, totals = [], {"cycles": 0, "drafted": 0, "accepted": 0}
-    for r in range(runs + 1):
-        for prompt in SPEC_PROMPTS:
-            said = {}
-            for kind in ("plain", "speculative"):
-                stats: dict = {}
-                it = rt.stream_tokens([], prompt, new_tokens, ignore_eos=True, reuse=False, stats=stats,
-                                      speculative=spec if kind == "speculative" else None)
-                toks = [next(it)]
-                t = time.perf_counter()
-                toks += list(it)
-                took = time.perf_counter() - t
-                said[kind] = toks
-                if r:  # the first round warms up
-                    rates[kind].append((len(toks) - 1) / took)
-                    if kind == "speculative":
-                        for k in totals:
-                            totals[k] += stats[k]
-            if r:
-                same.append(said["plain"] == said["speculative"])
-    plain_tps, spec_tps = statistics.median(rates["plain"]), statistics.median(rates["speculative"])
-
-    # the cost model's terms, each timed on a real state (medians of ``reps``)
-    reps = max(3, runs)
     state, logits = rt._prefill(rt.encode([], SPEC_PROMPTS[0]))
     tok = int(np.argmax(logits["final"]))
 
@@ -344,7 +329,7 @@ def measure_speculative(path: str, spec, new_tokens: int, runs: int, threads: in
         return time.perf_counter() - t, out
 
     step = statistics.median(timed(lambda: rt._step(state, tok))[0] for _ in range(reps))
-    rt._rollback(state, state["length"] - reps)
+    rt._rollback(state, rt._fed(state) - reps)
     base = rt._fed(state)
     low, head, verify = [], [], {}
     for _ in range(reps):
@@ -360,33 +345,121 @@ def measure_speculative(path: str, spec, new_tokens: int, runs: int, threads: in
             got.append(timed(lambda: rt._verify(state, fed))[0])
             rt._rollback(state, base)
         verify[m] = statistics.median(got) / step
-    c_low, c_head = statistics.median(low) / step, statistics.median(head) / step
-    cycles = max(totals["cycles"], 1)
-    per_cycle = (totals["accepted"] + totals["cycles"]) / cycles  # tokens a cycle yields
-    drafts = totals["drafted"] / cycles
+    return {"step_s": step, "draft_layers_cost": statistics.median(low) / step,
+            "draft_head_cost": statistics.median(head) / step, "verify_cost": verify}
+
+
+def _predicted(costs: dict, cycles: int, drafted: int, accepted: int) -> float:
+    """The speedup the cost terms predict for this acceptance: tokens a cycle yields over what
+    a cycle costs (draft steps, heads, one verifying pass), in plain steps."""
+    cycles = max(cycles, 1)
+    drafts = drafted / cycles
     m = min(8, max(1, round(drafts + 1)))
-    cost = (drafts + 1) * c_low + drafts * c_head + verify[m]  # in plain steps
-    return {"path": path, "precision": rt.manifest.precision, "layer": spec.layer, "tokens": spec.tokens,
-            "min_p": spec.min_p, "plain_tok_s": plain_tps, "speculative_tok_s": spec_tps,
-            "speedup": spec_tps / plain_tps, "identical_rate": sum(same) / len(same), "prompts": len(SPEC_PROMPTS),
-            **totals, "accepted_per_cycle": totals["accepted"] / cycles, "acceptance": totals["accepted"] /
-            max(totals["drafted"], 1), "step_s": step, "draft_layers_cost": c_low, "draft_head_cost": c_head,
-            "verify_cost": verify, "predicted_speedup": per_cycle / cost}
+    cost = (drafts + 1) * costs["draft_layers_cost"] + drafts * costs["draft_head_cost"] + costs["verify_cost"][m]
+    return (accepted + cycles) / cycles / cost
+
+
+def measure_speculative(path: str, spec, new_tokens: int, runs: int, threads: int) -> list[dict]:
+    """Speculative decoding against plain decoding of the same artifact, in one process,
+    alternating on the same prompts: on ONNX, self-speculative decoding with the verbalizer
+    drafter; on GGUF, with the verbalizer drafter (when the drafting layer keeps one), with the
+    draft model's own norm and head (llama.cpp's usual draft model, at the same depth), and
+    llama.cpp's own draft-model speculation (``llama-speculative-simple``) on the same files.
+    One row per way: decode tok/s, the speedup over plain in the same run, drafted and accepted
+    tokens, the share of prompts answered as plain decoding does, and the cost model (see
+    :func:`_cost_terms`) with the speedup it predicts for the acceptance measured."""
+    from dataclasses import replace
+
+    import vlsi_runtimes
+
+    from .base import Speculative
+
+    spec = Speculative.of(spec)
+    rt = vlsi_runtimes.load(path, **({"threads": threads} if threads else {}))
+    rt._speculation_check(spec)
+    ways = _speculative_ways(rt, spec)
+    rates: dict[str, list[float]] = {"plain": [], **{name: [] for name, _ in ways}}
+    same = {name: [] for name, _ in ways}
+    totals = {name: {"cycles": 0, "drafted": 0, "accepted": 0} for name, _ in ways}
+    for r in range(runs + 1):
+        for prompt in SPEC_PROMPTS:
+            said = {}
+            for name, way in [("plain", None), *ways]:
+                stats: dict = {}
+                if way == "tool":
+                    from vlsi.llama_cpp import run_speculative_tool
+
+                    got = run_speculative_tool(Path(path, rt.manifest.graph("text").file),
+                                               Path(path, rt.manifest.graph("draft").file),
+                                               rt.chat_text(rt.user_turns([], prompt)), new_tokens, spec.tokens,
+                                               threads, spec.min_p, n_ctx=rt.n_ctx)
+                    said[name], tps = got["text"], got["tok_s"]
+                    stats = {"cycles": got["n_predict"] - got["n_accept"], "drafted": got["n_drafted"],
+                             "accepted": got["n_accept"]}
+                else:
+                    it = rt.stream_tokens([], prompt, new_tokens, ignore_eos=True, reuse=False, stats=stats,
+                                          speculative=way)
+                    toks = [next(it)]
+                    t = time.perf_counter()
+                    toks += list(it)
+                    tps = (len(toks) - 1) / (time.perf_counter() - t)
+                    said[name] = toks
+                if r:  # the first round warms up
+                    rates[name].append(tps)
+                    if name != "plain":
+                        for k in totals[name]:
+                            totals[name][k] += stats[k]
+            if r:
+                for name, way in ways:
+                    if way == "tool":  # the tool prints text (its last cycle may run past the budget): plain
+                        # decoding's pieces must start it
+                        same[name].append(said[name].strip("\n").startswith(rt.pieces_text(said["plain"]).strip("\n")))
+                    else:
+                        same[name].append(said[name] == said["plain"])
+    plain_tps = statistics.median(rates["plain"])
+    reps = max(3, runs)
+    costs = {}
+    rows = []
+    for name, way in ways:
+        drafter = "model" if way == "tool" else way.drafter
+        if drafter not in costs:
+            costs[drafter] = _cost_terms(rt, replace(spec, drafter=drafter), reps)
+        c, t = costs[drafter], totals[name]
+        cycles = max(t["cycles"], 1)
+        tps = statistics.median(rates[name])
+        rows.append({"path": path, "backend": rt.name, "way": name, "drafter": drafter,
+                     "precision": rt.manifest.precision, "layer": spec.layer, "tokens": spec.tokens,
+                     "min_p": spec.min_p, "plain_tok_s": plain_tps, "speculative_tok_s": tps,
+                     "speedup": tps / plain_tps, "identical_rate": sum(same[name]) / len(same[name]),
+                     "prompts": len(SPEC_PROMPTS), **t, "accepted_per_cycle": t["accepted"] / cycles,
+                     "acceptance": t["accepted"] / max(t["drafted"], 1), **c,
+                     "predicted_speedup": _predicted(c, t["cycles"], t["drafted"], t["accepted"])})
+    return rows
 
 
 def format_speculative(rows: list[dict]) -> str:
-    lines = ["| artifact | precision | layer | draft tokens | min p | plain tok/s | speculative tok/s | speedup | "
+    lines = ["| artifact | way | precision | layer | draft tokens | min p | plain tok/s | speculative tok/s | speedup | "
              "identical to plain | drafted | accepted | accepted / cycle | predicted speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['path']} | {r['precision']} | {r['layer']} | {r['tokens']} | {r['min_p']} | {r['plain_tok_s']:.1f} | "
-              f"{r['speculative_tok_s']:.1f} | {r['speedup']:.2f}x | {100 * r['identical_rate']:.0f}% | {r['drafted']} | "
-              f"{r['accepted']} | {r['accepted_per_cycle']:.2f} | {r['predicted_speedup']:.2f}x |" for r in rows]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['path']} | {r.get('way', 'vlsi, verbalizer drafter')} | {r['precision']} | {r['layer']} | "
+              f"{r['tokens']} | {r['min_p']} | {r['plain_tok_s']:.1f} | {r['speculative_tok_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {100 * r['identical_rate']:.0f}% | {r['drafted']} | {r['accepted']} | "
+              f"{r['accepted_per_cycle']:.2f} | {r['predicted_speedup']:.2f}x |" for r in rows]
     lines += ["", "Cost model, in plain decode steps: a draft step (the layers up to the drafting one; its head) and "
-                  "a verifying pass of the layers above over m positions:", "",
-              "| artifact | plain step ms | draft layers | draft head | " + " | ".join(f"verify {m}" for m in range(1, 9)) +
-              " |", "| --- | --- | --- | --- | " + " | ".join("---" for _ in range(8)) + " |"]
-    lines += [f"| {r['path']} | {1e3 * r['step_s']:.1f} | {r['draft_layers_cost']:.2f} | {r['draft_head_cost']:.2f} | " +
-              " | ".join(f"{r['verify_cost'][m]:.2f}" for m in range(1, 9)) + " |" for r in rows]
+                  "a verifying pass of the layers above over m positions (llama.cpp: the whole model over m "
+                  "positions; llama.cpp's own tool is predicted with the draft model's costs):", "",
+              "| artifact | drafter | plain step ms | draft layers | draft head | " +
+              " | ".join(f"verify {m}" for m in range(1, 9)) + " |",
+              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in range(8)) + " |"]
+    seen = set()
+    for r in rows:
+        key = (r["path"], r.get("drafter", "verbalizer"))
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"| {r['path']} | {key[1]} | {1e3 * r['step_s']:.1f} | {r['draft_layers_cost']:.2f} | "
+                     f"{r['draft_head_cost']:.2f} | " + " | ".join(f"{r['verify_cost'][m]:.2f}" for m in range(1, 9)) +
+                     " |")
     return "\n".join(lines)
 
 
@@ -494,16 +567,17 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _run_speculative(path: str, spec, new_tokens: int, runs: int, threads: int) -> dict:
+def _run_speculative(path: str, spec, new_tokens: int, runs: int, threads: int) -> list[dict]:
     """:func:`measure_speculative` in a fresh process."""
     cmd = [sys.executable, "-m", "vlsi_runtimes.bench", "speculative", path, json.dumps(spec), str(new_tokens),
            str(runs), str(threads)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"speculative bench of {path} failed:\n{res.stderr[-2000:]}")
-    row = json.loads(res.stdout.strip().splitlines()[-1])
-    row["verify_cost"] = {int(k): v for k, v in row["verify_cost"].items()}
-    return row
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    for row in rows:
+        row["verify_cost"] = {int(k): v for k, v in row["verify_cost"].items()}
+    return rows
 
 
 if __name__ == "__main__" and sys.argv[1] == "speculative":

@@ -18,7 +18,6 @@ decoding never reads it).
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import os
 from pathlib import Path
@@ -30,7 +29,7 @@ from vlsi.chat import chat_text
 from vlsi.images import load_image
 from vlsi.manifest import ArtifactError, load_manifest
 
-from vlsi.llama_cpp import quiet_logs
+from vlsi.llama_cpp import cpu_has_amx, quiet_logs
 
 from .base import LayerLogits, Prompt, Runtime, image_digest
 
@@ -95,6 +94,22 @@ class OutputMatrix:
                     rows[lo:lo + self.block] = dequantize(data[lo:lo + self.block], t.tensor_type)
                 self.rows = rows
         return self.rows
+
+    def take(self, ids: list[int]) -> np.ndarray:
+        """Rows ``ids`` as ``(len(ids), D)`` f32 (a draft head's reduced vocabulary): from the
+        loaded rows when they are, else only these rows, dequantised from the file."""
+        if self.rows is not None:
+            return np.asarray(self.rows[ids], np.float32)
+        import gguf
+        from gguf.quants import dequantize
+
+        r = gguf.GGUFReader(str(self.path))
+        by = {t.name: t for t in r.tensors}
+        t = by.get("output.weight") or by["token_embd.weight"]
+        kind = gguf.GGMLQuantizationType
+        if t.tensor_type in (kind.F32, kind.F16):
+            return np.asarray(np.asarray(t.data).reshape(self.shape)[ids], np.float32)
+        return np.asarray(dequantize(t.data.reshape(self.shape[0], -1)[ids], t.tensor_type), np.float32)
 
     def __matmul__(self, h: np.ndarray) -> np.ndarray:
         """``W @ h`` for an f32 vector ``h (D,)`` -> ``(V,)`` f32."""
@@ -161,20 +176,88 @@ class _Chunks:
             pass
 
 
-@functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX (Linux /proc/cpuinfo flags); False where that cannot be read.
-    There, llama.cpp built for the host puts weights in its AMX / repacked buffer types and
-    its first ``llama_decode`` of a q8_0 file segfaults (llama-cpp-python 0.3.36 on a Xeon
-    with amx_int8, its own ``Llama`` too; f32 and f16 files decode)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
+class _DraftModel:
+    """``draft.gguf`` (the text model's first L blocks) in a context of its own. Drafting one
+    token decodes it here; with the verbalizer drafter the eval callback takes the residual
+    stream after block L and stops the graph there (the draft file's final norm and output
+    matrix are not run); with the model's own drafter (llama.cpp's usual draft model: the
+    truncated model's norm and head) the logits are read."""
+
+    def __init__(self, rt: LlamaCppRuntime, path: Path, n_ctx: int, n_batch: int):
+        ll = rt._ll
+        self.ll, self.g = ll, _ggml()
+        self.model = ll.llama_model_load_from_file(str(path).encode(), rt._mp)
+        if not self.model:
+            raise ArtifactError(f"llama.cpp could not load the draft model {path}; re-export with --draft-layer")
+        if ll.llama_model_n_embd(self.model) != rt.n_embd or \
+                ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model)) != rt.n_vocab:
+            ll.llama_model_free(self.model)
+            raise ArtifactError(f"{path} is not a draft of {rt.folder}'s text model (other width or vocabulary); "
+                                "re-export with --draft-layer")
+        self.n_embd = rt.n_embd
+        self.stop = False  # take the last block's output and stop the graph there
+        self.hidden: np.ndarray | None = None
+        self._want = f"l_out-{rt.draft_layer - 1}".encode()
+        self._callback = ll.ggml_backend_sched_eval_callback(self._on_tensor)
+        cp = ll.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_batch, n_batch
+        cp.n_threads = cp.n_threads_batch = rt.threads
+        cp.type_k = cp.type_v = rt._kv_type
+        cp.cb_eval = self._callback
+        self.ctx = ll.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            ll.llama_model_free(self.model)
+            raise ArtifactError(f"llama.cpp could not create a context for the draft model {path}")
+        self.batch = ll.llama_batch_init(1, 0, 1)
+        self.keys: list | None = []
+        """One key per position this context holds (``None``: unknown, cleared before use)."""
+
+    def _on_tensor(self, t, ask, user):
+        if not self.stop:
+            return not ask
+        name = self.g.ggml_get_name(t)
+        if ask:
+            return name == self._want
+        if name == self._want:
+            n = self.g.ggml_nbytes(t)
+            buf = np.empty(n // 4, dtype=np.float32)
+            self.g.ggml_backend_tensor_get(t, buf.ctypes.data, 0, n)
+            self.hidden = buf[-self.n_embd:].copy()
+            return False  # the rest of the graph (final norm, output matrix) is not needed
+        return True
+
+    def feed(self, token: int, pos: int, stop: bool) -> None:
+        b = self.batch
+        b.n_tokens = 1
+        b.token[0], b.pos[0], b.n_seq_id[0], b.logits[0] = token, pos, 1, True
+        b.seq_id[0][0] = 0
+        self.stop, self.hidden = stop, None
+        try:
+            rc = self.ll.llama_decode(self.ctx, b)
+        finally:
+            self.stop = False
+        if rc != 0:
+            raise ArtifactError(f"llama_decode of the draft model failed (code {rc})")
+        if stop and self.hidden is None:
+            raise RuntimeError("the draft model's graph has no l_out tensor for its last block")
+
+    def logits(self, n_vocab: int) -> np.ndarray:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+    def cut(self, pos: int) -> None:
+        self.ll.llama_memory_seq_rm(self.ll.llama_get_memory(self.ctx), 0, pos, -1)
+
+    def close(self):
+        if self.batch is not None:
+            self.ll.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            self.ll.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.ll.llama_model_free(self.model)
+            self.model = None
 
 
 class LlamaCppRuntime(Runtime):
@@ -269,6 +352,10 @@ class LlamaCppRuntime(Runtime):
         self.marker = mtmd_cpp.mtmd_default_marker().decode()
         self._batch = llama_cpp.llama_batch_init(1, 0, 1)
         self._text_batch = None  # n_batch tokens, made when a reused prefix ends inside text
+        self._kv_type, self._gpu_layers, self._mp = cp.type_k, gpu_layers, mp
+        # the draft model (``draft.gguf``): loaded on the first speculative request, never before
+        self.draft_layer = int(man.graph("draft").details.get("layer", 0)) if "draft" in man.graphs else 0
+        self._draft = None
 
     def close(self):
         ll, mt = self._ll, self._mtmd
@@ -276,6 +363,9 @@ class LlamaCppRuntime(Runtime):
             mt.mtmd_free(self.mctx)
             self.mctx = None
         self._entry = None  # the cached sequence lives in this context
+        if getattr(self, "_draft", None) is not None:
+            self._draft.close()
+            self._draft = None
         for name in ("_batch", "_text_batch"):
             if getattr(self, name, None) is not None:
                 ll.llama_batch_free(getattr(self, name))
@@ -412,10 +502,13 @@ class LlamaCppRuntime(Runtime):
         state = {"n_past": at, "prompt": prompt}
         return state, self._eval_from(state, prompt, n)
 
-    def _eval_from(self, state, prompt: Prompt, start: int) -> LayerLogits:
-        """Evaluate ``prompt`` from token ``start`` (a chunk boundary or inside a text chunk)."""
+    def _eval_from(self, state, prompt: Prompt, start: int, ctx=None) -> LayerLogits | None:
+        """Evaluate ``prompt`` from token ``start`` (a chunk boundary or inside a text chunk) into
+        the model's context, or into ``ctx`` (the draft's: no logits)."""
         ll, mt = self._ll, self._mtmd
         self._hidden.clear()
+        main = ctx is None
+        ctx = self.ctx if main else ctx
         held = prompt.images
         chunks = held.chunks
         count = mt.mtmd_input_chunks_size(chunks)
@@ -424,22 +517,25 @@ class LlamaCppRuntime(Runtime):
             end = held.starts[i + 1] if i + 1 < count else len(prompt.ids)
             if end <= start:
                 continue
-            last = i == count - 1
+            last = main and i == count - 1
             if first < start:  # the reused prefix ends inside this text chunk: feed its rest
-                self._decode_tokens(prompt.ids[start:end], state["n_past"], last)
+                self._decode_tokens(prompt.ids[start:end], state["n_past"], last, ctx)
                 state["n_past"] += end - start
                 continue
             new = ll.llama_pos(state["n_past"])  # in/out: the helper adds the positions it used
-            rc = mt.mtmd_helper_eval_chunk_single(self.mctx, self.ctx, mt.mtmd_input_chunks_get(chunks, i),
+            rc = mt.mtmd_helper_eval_chunk_single(self.mctx, ctx, mt.mtmd_input_chunks_get(chunks, i),
                                                   state["n_past"], 0, self.n_batch, last, ctypes.byref(new))
             if rc != 0:
                 raise ArtifactError(f"llama.cpp failed to evaluate prompt chunk {i} (code {rc})")
             state["n_past"] = new.value
-        return self._logits()
+        return self._logits() if main else None
 
-    def _decode_tokens(self, tokens: list[int], pos: int, logits_last: bool) -> None:
-        """Text tokens at positions ``pos, pos + 1, ...`` in batches of ``n_batch``."""
+    def _decode_tokens(self, tokens: list[int], pos: int, logits_last: bool, ctx=None,
+                       every_logit: bool = False) -> None:
+        """Text tokens at positions ``pos, pos + 1, ...`` in batches of ``n_batch`` into the
+        model's context (or ``ctx``); logits for the last token, or for each (``every_logit``)."""
         ll = self._ll
+        ctx = self.ctx if ctx is None else ctx
         if self._text_batch is None:
             self._text_batch = ll.llama_batch_init(self.n_batch, 0, 1)
         b = self._text_batch
@@ -451,8 +547,8 @@ class LlamaCppRuntime(Runtime):
                 b.pos[j] = pos + lo + j
                 b.n_seq_id[j] = 1
                 b.seq_id[j][0] = 0
-                b.logits[j] = logits_last and lo + j == len(tokens) - 1
-            rc = ll.llama_decode(self.ctx, b)
+                b.logits[j] = every_logit or (logits_last and lo + j == len(tokens) - 1)
+            rc = ll.llama_decode(ctx, b)
             if rc != 0:
                 raise ArtifactError(f"llama_decode failed (code {rc})")
 
@@ -472,6 +568,132 @@ class LlamaCppRuntime(Runtime):
             raise ArtifactError(f"llama_decode failed (code {rc})")
         state["n_past"] += 1
         return self._logits()
+
+    # ------------------------------------------------------------------ self-speculative decoding
+    MAX_DRAFT = 15
+
+    def _speculation_check(self, spec) -> None:
+        from vlsi.errors import ConfigError
+
+        if not self.draft_layer:
+            raise ConfigError(f"{self.folder} has no draft model: export with --target gguf --draft-layer L "
+                              "(and --verbalizers to draft with the layer-L verbalizer)")
+        if spec.layer != self.draft_layer:
+            raise ConfigError(f"speculative layer {spec.layer}: {self.folder}'s draft model is its first "
+                              f"{self.draft_layer} layers; draft at layer {self.draft_layer} or re-export with "
+                              f"--draft-layer {spec.layer}")
+        if spec.drafter == "verbalizer" and spec.layer not in self.verbalizer_layers:
+            raise ConfigError(f"speculative layer {spec.layer} has no verbalizer head in {self.folder} (kept: "
+                              f"{list(self.verbalizer_layers)}); export with --verbalizers, or draft with the "
+                              "draft model's own head: drafter='model'")
+        if spec.tokens > self.MAX_DRAFT:
+            raise ConfigError(f"speculative tokens={spec.tokens}: the llama.cpp backend drafts at most "
+                              f"{self.MAX_DRAFT} tokens per cycle")
+        if self._draft is None:
+            self._draft = self._open_draft()
+        self._drafter = spec.drafter
+
+    def _open_draft(self) -> _DraftModel:
+        from vlsi_export.draft import read_draft_gguf
+
+        g = self.manifest.graph("draft")
+        path = self.folder / g.file
+        if not path.is_file():
+            raise ArtifactError(f"{path}: the draft model is missing; re-export with --draft-layer")
+        fields = read_draft_gguf(path)
+        text = self.manifest.graph("text").file
+        want = self.manifest.files.get(text, {}).get("sha256")
+        if fields.get("model_sha256") != want or fields.get("layer") != self.draft_layer:
+            raise ArtifactError(f"{path} was not cut from {self.folder / text} (its vlsi.draft fields name another "
+                                "model file or layer); re-export with --draft-layer")
+        d = _DraftModel(self, path, self.n_ctx, self.n_batch)
+        ids = fields.get("vocab")
+        d.vocab = np.asarray(ids, np.int64) if ids else None
+        d.rows = None  # the draft head's rows of the output matrix, read on the first draft
+        return d
+
+    def _sync_draft(self, state) -> None:
+        """Make the draft context hold what the model's does (the prompt; a speculative answer
+        starts right after it), reusing the prefix it already holds."""
+        from .base import shared_prefix
+
+        d, prompt = self._draft, state["prompt"]
+        keys, d.keys = d.keys, None
+        n = shared_prefix(keys, prompt) if keys else 0
+        at = prompt.images.positions[n] if n else 0
+        if not keys or not self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(d.ctx), 0, at, -1):
+            self._ll.llama_memory_clear(self._ll.llama_get_memory(d.ctx), True)
+            n, at = 0, 0
+        mirror = {"n_past": at}
+        self._eval_from(mirror, prompt, n, d.ctx)
+        if mirror["n_past"] != state["n_past"]:
+            raise RuntimeError(f"the draft context holds {mirror['n_past']} positions, the model's {state['n_past']}")
+        d.keys = prompt.keys()
+        state["draft"] = True
+
+    def _fed(self, state) -> int:
+        return state["n_past"]
+
+    def _draft_feed(self, state, token: int):
+        if not state.get("draft"):
+            self._sync_draft(state)
+        drafted = state.get("drafted", 0)
+        self._draft.feed(token, state["n_past"] + drafted, stop=self._drafter == "verbalizer")
+        state["drafted"] = drafted + 1
+        return token, (self._draft.hidden if self._drafter == "verbalizer" else self._draft.logits(self.n_vocab))
+
+    def _draft_logits(self, drafted) -> np.ndarray:
+        _, got = drafted
+        if self._drafter != "verbalizer":
+            return got
+        d = self._draft
+        normed = self._verb.hidden(self.draft_layer, got.astype(np.float32))
+        if d.vocab is None:
+            return self.output_matrix @ normed
+        if d.rows is None:
+            d.rows = self.output_matrix.take(d.vocab)
+        full = np.full(self.n_vocab, -np.inf, np.float32)
+        full[d.vocab] = d.rows @ normed
+        return full
+
+    def _verify(self, state, drafted: list) -> np.ndarray:
+        tokens = [t for t, _ in drafted]
+        n = len(tokens)
+        if state["n_past"] + n >= self.n_ctx:
+            raise ArtifactError(f"the context of {self.n_ctx} tokens is full")
+        self.capture_layers = False
+        try:
+            self._decode_tokens(tokens, state["n_past"], False, every_logit=True)
+        finally:
+            self.capture_layers = True
+        rows = np.empty((n, self.n_vocab), np.float32)
+        for j in range(n):
+            rows[j] = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,))
+        state["n_past"] += n
+        state["drafted"] = 0
+        return rows
+
+    def _rollback(self, state, n: int) -> None:
+        state["drafted"] = 0
+        if n < state["n_past"]:
+            self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self.ctx), 0, n, -1)
+        self._draft.cut(n)
+        state["n_past"] = n
+
+    def _keep(self, state, keys: list) -> None:
+        if state.get("draft") and self._draft is not None:
+            self._draft.keys = list(keys)  # both contexts hold the same positions after a cycle
+        super()._keep(state, keys)
+
+    def pieces_text(self, ids) -> str:
+        """The text llama.cpp's own tools print for ``ids``: each token's piece, special tokens
+        included, as bytes joined and then read as UTF-8 (a bad byte as U+FFFD)."""
+        buf = ctypes.create_string_buffer(256)
+        out = b""
+        for token in ids:
+            n = self._ll.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, True)
+            out += buf.raw[:max(n, 0)]
+        return out.decode("utf-8", errors="replace")
 
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)

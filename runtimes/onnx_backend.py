@@ -200,6 +200,9 @@ class OnnxRuntime(SpecRuntime):
 
     def _speculation_check(self, spec) -> None:
         where = f"{self.folder}: "
+        if spec.drafter != "verbalizer":
+            raise ConfigError(f"speculative drafter={spec.drafter!r} runs a truncated draft model, which the llama.cpp "
+                              "backend has (--target gguf --draft-layer); ONNX drafts with a kept verbalizer head")
         if self.split is None or not self.split.row_wise_rows:
             raise ConfigError(f"{where}this artifact's decoder cannot verify drafted tokens exactly (exported before "
                               "row-wise attention); re-export it (`vlsi export --target onnx ...`)")

@@ -2,7 +2,9 @@
 student (24 layers by default) with a verbalizer head on every layer, trained on the synthetic
 families with long answers (describe, sequence, reasoning-form answers). Two sets of heads on
 the same backbone: fitted to the labels (the verbalize stage) and fitted to the model's own
-final head on its own answers (``verbalizer.fit=final``). Acceptance is measured by teacher
+final head on its own answers (``verbalizer.fit=final``); beside them the logit lens (the
+backbone's own final norm and LM head on layer k's state, i.e. what a draft model made of the
+first k layers drafts with in llama.cpp's own draft-model speculation). Acceptance is measured by teacher
 forcing along the model's own greedy answers to the test questions: at each answer position,
 whether a head's argmax is the final head's (what greedy verification accepts), and, for draft
 lengths 1..8, the tokens a cycle yields when drafting from that layer (the run of agreements
@@ -70,6 +72,17 @@ def agreement(model_dir: Path, data: Path, limit: int) -> dict[int, list[np.ndar
     return out
 
 
+def logit_lens(model_dir: Path, out: Path, layers: int) -> None:
+    """``model_dir`` with untrained verb_ffn heads on every layer: each starts as the final norm
+    (copied) and a zero residual branch, so its logits are the logit lens at its layer."""
+    from vlsi.checkpoint import load_checkpoint, save_checkpoint
+    from vlsi.verbalizer import VerbalizerConfig, Verbalizers, parse_target_layers
+
+    ck = load_checkpoint(model_dir)
+    heads = Verbalizers.for_model(ck.model, VerbalizerConfig(parse_target_layers("1::1", layers), arch="verb_ffn"))
+    save_checkpoint(out, ck.model, ck.tokenizer, ck.image_processor, heads)
+
+
 def tokens_per_cycle(runs: list[np.ndarray], k: int) -> tuple[float, float]:
     """Greedy speculative decoding replayed on agreement patterns: -> (tokens a cycle yields, cycles)."""
     tokens = cycles = 0
@@ -130,7 +143,9 @@ def main() -> None:
     if not (base / "vlsi.json").is_file():
         _stage(stage="pretrain", model=str(init), data=str(data / "train.json"), out=str(base), steps=a.steps,
                **{"optim.lr": 3e-3}, **common)
-    heads = {"labels": out / "heads_labels", "final": out / "heads_final"}
+    heads = {"labels": out / "heads_labels", "final": out / "heads_final", "lens": out / "heads_lens"}
+    if not (heads["lens"] / "vlsi.json").is_file():  # untrained heads: the logit lens, exactly
+        logit_lens(base, heads["lens"], a.layers)
     every = f"1::{1}"
     if not (heads["labels"] / "vlsi.json").is_file():
         _stage(stage="verbalize", model=str(base), data=str(data / "train.json"), out=str(heads["labels"]),
@@ -172,12 +187,14 @@ def main() -> None:
              "and tokens a cycle yields with a 4-token draft" + (" and the speedup the measured costs predict" if costs
                                                                    else "") + ".", "",
              "| layer | labels: agreement | labels: tokens/cycle (k=4) | own head: agreement | own head: tokens/cycle (k=4) |"
+             " logit lens: agreement | logit lens: tokens/cycle (k=4) |"
              + (" predicted speedup (own head, k=4) |" if costs else ""),
-             "| --- | --- | --- | --- | --- |" + (" --- |" if costs else "")]
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if costs else "")]
     for layer in result["heads"]["labels"]:
         lab, own = result["heads"]["labels"][layer], result["heads"]["final"][layer]
+        lens = result["heads"]["lens"][layer]
         line = (f"| {layer} | {lab['agreement']:.2f} | {lab['tokens_per_cycle_k4']:.2f} | {own['agreement']:.2f} | "
-                f"{own['tokens_per_cycle_k4']:.2f} |")
+                f"{own['tokens_per_cycle_k4']:.2f} | {lens['agreement']:.2f} | {lens['tokens_per_cycle_k4']:.2f} |")
         if costs:
             line += f" {own['predicted_speedup_k4']:.2f}x |"
         lines.append(line)
@@ -190,7 +207,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, label in (("labels", "heads fitted to the labels"), ("final", "heads fitted to the model's own head")):
+    for kind, label in (("labels", "heads fitted to the labels"), ("final", "heads fitted to the model's own head"),
+                        ("lens", "logit lens (a truncated draft model's own head)")):
         layers = list(result["heads"][kind])
         ax.plot(layers, [result["heads"][kind][k]["agreement"] for k in layers], marker="o", label=label)
     ax.set_xlabel("drafting layer")

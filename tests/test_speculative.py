@@ -29,28 +29,12 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed
 import vlsi_runtimes  # noqa: E402
 from vlsi.errors import ConfigError  # noqa: E402
 from vlsi.manifest import load_manifest  # noqa: E402
+from tests.speculation import PROMPTS, agreeing_checkpoint, check_eos_and_budgets, check_reduced_head  # noqa: E402
+from tests.speculation import noise_image as _img  # noqa: E402
+from tests.speculation import plain_and_speculative as _both  # noqa: E402
 from vlsi_export import get_target  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _img(seed=0, size=84):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
-
-
-PROMPTS = [([_img(0)], "describe the picture"), ([], "count to ten"), ([_img(3, 112)], "what colour is it?"),
-           ([_img(5)], "where is the circle?"), ([], "tell me a story about a square")]
-
-
-def _both(rt, images, prompt, n, spec, ignore_eos=True):
-    plain = list(rt.stream_tokens(images, prompt, n, ignore_eos=ignore_eos, reuse=False))
-    stats: dict = {}
-    drafted = list(rt.stream_tokens(images, prompt, n, ignore_eos=ignore_eos, reuse=False, stats=stats,
-                                    speculative=spec))
-    return plain, drafted, stats
 
 
 @pytest.mark.parametrize("layer,tokens,min_p", [(1, 1, 0.0), (1, 4, 0.0), (3, 3, 0.0), (3, 8, 0.0), (5, 2, 0.0),
@@ -70,25 +54,7 @@ def test_greedy_tokens_are_plain_decodings(onnx_artifact, layer, tokens, min_p):
 
 def test_end_of_sequence_and_max_new_tokens_inside_a_drafted_run(onnx_artifact):
     """With EOS honoured and budgets that end mid-cycle, the answers (and where they stop) are plain decoding's."""
-    rt = vlsi_runtimes.load(onnx_artifact)
-    eos = rt.eos_ids[0]
-    for n in (1, 2, 3, 5, 7, 11):
-        for images, prompt in PROMPTS[:3]:
-            plain, drafted, _ = _both(rt, images, prompt, n, {"layer": 1, "tokens": 4}, ignore_eos=False)
-            assert drafted == plain and len(drafted) <= n
-    # an EOS the drafter proposes inside a run: make the head's favourite token the end of sequence
-    # for a prompt and check the answer stops exactly where plain decoding's does
-    real = rt._draft_logits
-
-    def eos_loving(hidden):
-        out = real(hidden).copy()
-        out[eos] = out.max() + 1.0
-        return out
-
-    rt._draft_logits = eos_loving
-    for images, prompt in PROMPTS:
-        plain, drafted, stats = _both(rt, images, prompt, 16, {"layer": 3, "tokens": 4}, ignore_eos=False)
-        assert drafted == plain and stats["drafted"] >= 1
+    check_eos_and_budgets(vlsi_runtimes.load(onnx_artifact), 1)
 
 
 def test_the_cache_after_speculation_is_plain_decodings(onnx_artifact):
@@ -127,18 +93,8 @@ def test_generate_with_speculation(onnx_artifact):
 def agreeing(tiny_ckpt, tmp_path_factory):
     """The tiny student with layers 4-6 adding nothing to the residual (their output projections
     zeroed): layer 3's untrained head (the logit lens) is then the model's own head."""
-    import torch
-
-    from vlsi.checkpoint import load_checkpoint, save_checkpoint
-
-    ck = load_checkpoint(tiny_ckpt)
-    lm = ck.adapter.language_model(ck.model)
-    with torch.no_grad():
-        for layer in lm.layers[3:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
     root = tmp_path_factory.mktemp("agreeing")
-    save_checkpoint(root / "ckpt", ck.model, ck.tokenizer, ck.image_processor, ck.verbalizers)
+    agreeing_checkpoint(tiny_ckpt, root / "ckpt")
     return get_target("onnx")(root / "ckpt", root / "onnx", verbalizers=True, validate=False)
 
 
@@ -272,7 +228,8 @@ def test_bad_requests_name_the_option(onnx_artifact, tiny_ckpt):
     rt = vlsi_runtimes.load(onnx_artifact)
     cases = [({"layer": 2}, "layer 2 has no verbalizer head"), ({"layer": 1, "tokens": 0}, "tokens=0"),
              ({"layer": 1, "tokens": 16}, "at most 15"), ({"layer": 6}, "saves nothing"),
-             ({"layer": 1, "min_p": 1.5}, "min_p"), ({"layer": 1, "draft": 3}, "takes layer, tokens and min_p"),
+             ({"layer": 1, "min_p": 1.5}, "min_p"), ({"layer": 1, "draft": 3}, "takes layer, tokens, min_p and drafter"),
+             ({"layer": 1, "drafter": "x"}, "drafter='x'"), ({"layer": 1, "drafter": "model"}, "llama.cpp backend has"),
              ({"tokens": 3}, "takes layer"), ("layer 1", "a Speculative or a mapping")]
     for spec, message in cases:
         with pytest.raises(ConfigError, match=message):
@@ -353,12 +310,7 @@ def test_reduced_vocabulary_draft_head(tiny_ckpt, synth_data, tmp_path):
     h = rt._draft_feed(state, 5)
     reduced = rt._draft_logits(h)
     full = rt._verbalizer(3, h)
-    assert int(np.argmax(reduced)) in ids
-    np.testing.assert_allclose(reduced[ids], full[ids], rtol=1e-5, atol=1e-5)
-    assert np.isneginf(np.delete(reduced, ids)).all()
-    for images, prompt in PROMPTS[:3]:
-        plain, drafted, stats = _both(rt, images, prompt, 16, {"layer": 3, "tokens": 4})
-        assert drafted == plain and stats["drafted"] > 0
+    check_reduced_head(rt, reduced, full, ids)
     with pytest.raises(ConfigError, match="--draft-vocab drafts after a verbalizer"):
         get_target("onnx")(tiny_ckpt, tmp_path / "x", draft_vocab=str(data), validate=False)
     bad = tmp_path / "ids.json"

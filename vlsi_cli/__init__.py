@@ -327,8 +327,9 @@ def build_cmd(artifact, preset, max_context, max_image_tokens, opt_level, worksp
                    "rate as a ratio to the first artifact's in the same round.")
 @click.option("--speculative", "speculative", default=None, metavar="LAYER:TOKENS[:MIN_P]",
               help="Also time self-speculative decoding (drafting with layer LAYER's verbalizer, up to TOKENS per "
-                   "cycle, stopping below MIN_P) against plain decoding of each ONNX artifact, alternating, with "
-                   "the cost model's prediction.")
+                   "cycle, stopping below MIN_P) against plain decoding of each ONNX and GGUF artifact, "
+                   "alternating, with the cost model's prediction; GGUF artifacts (exported with --draft-layer "
+                   "LAYER) also with the draft model's own head and llama.cpp's own speculative decoding.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
 def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, image_size, rounds, speculative, out):
     """Time to first token, decode tokens/s, vision latency and peak RSS per artifact vs PyTorch."""
@@ -341,11 +342,11 @@ def bench_cmd(artifacts, reference, prompt_tokens, new_tokens, runs, threads, im
         from vlsi.manifest import load_manifest
         from vlsi_runtimes.bench import _run_speculative, format_speculative
 
-        onnx = [a for a in artifacts if load_manifest(a, verify=False).target == "onnx"]
-        if not onnx:
-            raise click.UsageError("--speculative times ONNX artifacts; none was given")
-        spec_rows = [_run_speculative(str(a), spec, new_tokens, runs, threads) for a in onnx]
-        click.echo("\nSelf-speculative decoding against plain decoding of the same artifact, alternating on "
+        drafting = [a for a in artifacts if load_manifest(a, verify=False).target in ("onnx", "gguf")]
+        if not drafting:
+            raise click.UsageError("--speculative times ONNX and GGUF artifacts; none was given")
+        spec_rows = [row for a in drafting for row in _run_speculative(str(a), spec, new_tokens, runs, threads)]
+        click.echo("\nSpeculative decoding against plain decoding of the same artifact, alternating on "
                    "the same prompts:\n\n" + format_speculative(spec_rows))
         rows = [*rows, {"speculative": spec_rows}]
     if out:

@@ -280,6 +280,13 @@ class GgufOptions(CommonOptions):
     quant: str = option("f16", "Text model type (q8_0 ... q6_k: llama.cpp's own quantiser).", GGUF_TYPES)
     mmproj_quant: str = option("f16", "Vision projector type.", MMPROJ_TYPES)
     threads: int = option(0, "Threads of llama.cpp's quantiser (0: its default).")
+    draft_layer: int = option(0, "Also write draft.gguf, the text model's first L layers as they are in the model "
+                                 "file: a draft model for llama.cpp's own speculative decoding, and vlsi's "
+                                 "self-speculative drafter (with the layer-L verbalizer when kept). 0: none.")
+    draft_vocab: str | None = option(None, "With --draft-layer: the draft head's reduced vocabulary, the tokens of "
+                                           "this dataset's answers plus the end-of-sequence ids, or the ids of a "
+                                           ".json list (vlsi's backend drafts on them; exact, verification uses the "
+                                           "full head).")
 
 
 @register_target
@@ -287,6 +294,13 @@ class GgufTarget(Target):
     name = "gguf"
     Options = GgufOptions
     tools = ("gguf", "llama_cpp_python")
+
+    def check(self, opts):
+        super().check(opts)
+        if opts.draft_vocab and not opts.draft_layer:
+            raise ConfigError("--draft-vocab is the vocabulary of the draft model: give --draft-layer L too")
+        if opts.draft_layer < 0:
+            raise ConfigError(f"--draft-layer {opts.draft_layer}: a layer number (0: no draft model)")
 
     def write(self, ck, tmp, opts, model_block):
         from vlsi.manifest import Graph
@@ -324,5 +338,12 @@ class GgufTarget(Target):
         if opts.verbalizers:
             write_verbalizers_gguf(ck, tmp / "verbalizers.gguf")
             graphs["verbalizers"] = Graph("verbalizers.gguf", "f32")
+        if opts.draft_layer:
+            from .draft import draft_vocab, write_draft_gguf
+
+            ids = draft_vocab(opts.draft_vocab, ck, model_block) if opts.draft_vocab else None
+            made = write_draft_gguf(text, tmp / "draft.gguf", opts.draft_layer, ids)
+            graphs["draft"] = Graph("draft.gguf", quant, details={
+                "layer": made["layer"], "blocks_of": made["blocks_of"], "vocab_size": len(ids) if ids else None})
         return Written(precision=quant, graphs=graphs, quantization={"text": quant, "mmproj": opts.mmproj_quant})
 

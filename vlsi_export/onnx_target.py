@@ -13,6 +13,7 @@ from pathlib import Path
 from vlsi.errors import ConfigError
 
 from .base import CommonOptions, Target, Written, option, register_target
+from .draft import draft_vocab
 from .quantize import PRECISIONS, quantize_graph, save_model
 
 
@@ -119,44 +120,6 @@ class OnnxTarget(Target):
         quant = {"decoder": opts.quant, "vision": opts.vision_quant, "block_size": opts.block_size,
                  "symmetric": opts.symmetric, "opset": OPSET}
         return Written(precision=opts.quant, graphs=graphs, quantization=quant, decoder_split=split)
-
-
-def draft_vocab(source: str, ck, model_block: dict) -> list[int]:
-    """The draft head's token ids: a .json list of ids, or every token of a dataset's answers
-    (its last assistant turns) plus the end-of-sequence ids; sorted, checked against the vocabulary."""
-    import json
-    from pathlib import Path
-
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"--draft-vocab {source}: no such file")
-    vocab = int(model_block["vocab_size"])
-    data = None
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--draft-vocab {source}: not valid JSON ({e})") from None
-    if isinstance(data, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in data):
-        ids = set(data)
-    else:
-        from vlsi.data.loaders import load_records
-
-        records, _ = load_records(path, check_images=False)
-        ids = set()
-        for r in records:
-            answers = [t.text for t in r.turns if t.role == "assistant"]
-            if answers:
-                ids.update(ck.tokenizer.encode(answers[-1], add_special_tokens=False).ids)
-        if not ids:
-            raise ConfigError(f"--draft-vocab {source}: no answers to take tokens from")
-    from vlsi.archs import get_spec
-
-    ids.update(int(t) for t in get_spec(ck.adapter.name).eos_ids(ck.tokenizer))
-    bad = sorted(t for t in ids if not 0 <= t < vocab)
-    if bad:
-        raise ConfigError(f"--draft-vocab {source}: token ids {bad[:5]} are outside the vocabulary of {vocab}")
-    return sorted(ids)
 
 
 def export_draft_head(ck, ids: list[int], folder, split) -> dict:
