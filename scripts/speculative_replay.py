@@ -8,6 +8,10 @@ the speedup is measured side by side with plain decoding, alternating on the sam
 
     python scripts/speculative_replay.py runs/bench/nbits-draft --acceptance runs/acceptance/acceptance.json \\
         --layer 6 --tokens 4 --threads 2
+
+The same on a GGUF artifact exported with ``--draft-layer 6``: ``--drafter verbalizer`` (the
+layer-6 head, replaying the own-head pattern) or ``--drafter model --heads lens`` (the draft
+model's own norm and head, llama.cpp's usual drafter, replaying the logit lens's pattern).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifact")
     p.add_argument("--acceptance", required=True, help="acceptance.json of scripts/speculative_acceptance.py")
-    p.add_argument("--heads", default="final", choices=["final", "labels"], help="which fitted heads' pattern")
+    p.add_argument("--heads", default="final", choices=["final", "labels", "lens"],
+                   help="whose pattern: heads fitted to the final head, to the labels, or the logit lens")
+    p.add_argument("--drafter", default="verbalizer", choices=["verbalizer", "model"])
     p.add_argument("--pattern-layer", type=int, default=None,
                    help="the trained student's layer whose pattern is replayed (default: --layer)")
     p.add_argument("--layer", type=int, default=6, help="drafting layer of ARTIFACT (a kept head)")
@@ -40,14 +46,14 @@ def main() -> None:
     patterns = json.loads(open(a.acceptance).read())["patterns"][a.heads][str(a.pattern_layer or a.layer)]
     stream = np.array([c == "1" for pat in patterns for c in pat])  # one long agreement sequence
     rt = vlsi_runtimes.load(a.artifact, threads=a.threads)
-    spec = {"layer": a.layer, "tokens": a.tokens}
+    spec = {"layer": a.layer, "tokens": a.tokens, "drafter": a.drafter}
     rt._speculation_check(vlsi_runtimes.Speculative(**spec))
 
     real_feed, real_logits = rt._draft_feed, rt._draft_logits
     where = {}
 
     def feed(state, token):
-        where["next"] = state["length"] + state["drafted"] + 1  # the position the head's draft will take
+        where["next"] = rt._fed(state) + state.get("drafted", 0) + 1  # the position the head's draft will take
         return real_feed(state, token)
 
     def logits(hidden):
@@ -86,7 +92,7 @@ def main() -> None:
                 for k in totals:
                     totals[k] += stats[k]
     plain, replayed = statistics.median(rates["plain"]), statistics.median(rates["replayed"])
-    row = {"artifact": a.artifact, "layer": a.layer, "tokens": a.tokens, "pattern_layer": a.pattern_layer or a.layer,
+    row = {"artifact": a.artifact, "drafter": a.drafter, "layer": a.layer, "tokens": a.tokens, "pattern_layer": a.pattern_layer or a.layer,
            "heads": a.heads, "pattern_agreement": float(stream.mean()), "plain_tok_s": plain,
            "speculative_tok_s": replayed, "speedup": replayed / plain, "identical_rate": sum(same) / len(same), **totals,
            "tokens_per_cycle": (totals["accepted"] + totals["cycles"]) / max(totals["cycles"], 1)}
