@@ -599,7 +599,7 @@ class LlamaCppRuntime(Runtime):
         self._drafter = spec.drafter
 
     def _open_draft(self) -> _DraftModel:
-        from vlsi_export.draft import read_draft_gguf
+        from vlsi.llama_cpp import read_draft_gguf
 
         g = self.manifest.graph("draft")
         path = self.folder / g.file

@@ -162,7 +162,7 @@ def test_fp32_export_manifest_and_parity(artifact, arch, ckpt, parity_table):
         layers = range(s.first_layer - 1, s.last_layer)
         assert (s.hidden_in, s.hidden_out) == (hin, hout)
         assert dec.inputs == [hin, "attention_mask", "position_ids",
-                              *[f"past_{kind}_{i}" for i in layers for kind in ("key", "value")]]
+                              *[f"past_{kind}_{i}" for i in layers for kind in ("key", "value")], "row_wise"]
         assert dec.outputs == [hout, *[f"present_{kind}_{i}" for i in layers for kind in ("key", "value")]]
         shapes = {v["name"]: v["shape"] for v in dec.details["inputs"]}
         assert shapes["position_ids"][0] == axes  # the position axis is fixed in the graph, not dynamic

@@ -54,7 +54,7 @@ def test_the_draft_file_is_the_models_first_blocks(drafts):
     loads it as a model."""
     from llama_cpp import Llama
 
-    from vlsi_export.draft import read_draft_gguf
+    from vlsi.llama_cpp import read_draft_gguf
 
     for quant, folder in drafts.items():
         m = load_manifest(folder)
@@ -155,11 +155,36 @@ def test_llama_cpps_own_speculative_decoding_takes_the_draft_file(agreeing):
         assert got["text"].strip("\n") == rt.pieces_text(ours).strip("\n") != ""
 
 
+def test_a_tool_run_that_loses_its_counts_is_repeated(tmp_path, monkeypatch):
+    """llama.cpp's logger may drop its last lines at exit (the counts): such a run is repeated,
+    and a tool that never prints them fails after ``tries`` runs, saying so."""
+    from vlsi.llama_cpp import run_speculative_tool
+
+    calls = tmp_path / "calls"
+    tool = tmp_path / "llama-speculative-simple"
+    tool.write_text("#!/bin/sh\n"  # prints its counts from its LOSE_UNTIL-th run on
+                    f'echo x >> "{calls}"; n=$(wc -l < "{calls}")\n'
+                    'printf "PROMPT one two" ; echo "decoded    3 tokens in    0.100 seconds" >&2\n'
+                    '[ "$n" -ge "$LOSE_UNTIL" ] && printf "n_predict = 3\\nn_drafted = 4\\nn_accept  = 2\\n" >&2\n'
+                    "exit 0\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("VLSI_LLAMA_SPECULATIVE", str(tool))
+    monkeypatch.setenv("LOSE_UNTIL", "3")
+    got = run_speculative_tool("m.gguf", "d.gguf", "PROMPT", 3, 2)
+    assert got == {"text": " one two", "tok_s": pytest.approx(30.0), "n_predict": 3, "n_drafted": 4, "n_accept": 2}
+    assert len(calls.read_text().split()) == 3
+    calls.unlink()
+    monkeypatch.setenv("LOSE_UNTIL", "99")
+    with pytest.raises(RuntimeError, match="exit 0, its counts not printed"):
+        run_speculative_tool("m.gguf", "d.gguf", "PROMPT", 3, 2, tries=4)
+    assert len(calls.read_text().split()) == 4
+
+
 def test_reduced_vocabulary_draft_head(tiny_ckpt, synth_data, tmp_path):
     data = synth_data / "train.json"
     out = _export(tiny_ckpt, tmp_path / "dv", draft_vocab=str(data))
     m = load_manifest(out)
-    from vlsi_export.draft import read_draft_gguf
+    from vlsi.llama_cpp import read_draft_gguf
 
     ids = read_draft_gguf(out / "draft.gguf")["vocab"]
     assert ids == sorted(set(ids)) and set(m.eos_token_ids) <= set(ids) and 10 < len(ids) < m.model["vocab_size"] // 2

@@ -1,5 +1,6 @@
 """What both the GGUF exporter and the llama.cpp runtime need from llama-cpp-python: quiet logs,
-the CPU check for AMX, and llama.cpp's own speculative-decoding tool.
+the CPU check for AMX, llama.cpp's own speculative-decoding tool, and the vlsi fields of a draft
+GGUF.
 
 Shared here so that export never imports a runtime's helper. Torch-free.
 """
@@ -8,6 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
+
+# the vlsi fields of a draft GGUF (vlsi_export.draft writes them, the llama.cpp backend checks them)
+DRAFT_LAYER_KEY = "vlsi.draft.layer"
+DRAFT_MODEL_KEY = "vlsi.draft.model_sha256"
+"""The sha256 of the text model file the draft was cut from (the manifest records the same)."""
+DRAFT_VOCAB_KEY = "vlsi.draft.vocab"
 
 _LOG_SINK = None  # the C callback must outlive every call into llama.cpp
 
@@ -61,11 +68,12 @@ def speculative_tool() -> str | None:
 
 
 def run_speculative_tool(model, draft, prompt: str, new_tokens: int, draft_max: int, threads: int = 0,
-                         p_min: float = 0.0, n_ctx: int = 2048, timeout: float = 600) -> dict:
+                         p_min: float = 0.0, n_ctx: int = 2048, timeout: float = 600, tries: int = 8) -> dict:
     """One greedy run of llama.cpp's ``llama-speculative-simple`` (target ``model``, draft model
     ``draft``, ``prompt`` as text with its special tokens) -> ``{"text", "tok_s", "n_predict",
     "n_drafted", "n_accept"}`` as the tool prints them (``text``: the answer's bytes read as UTF-8,
-    a bad byte as U+FFFD). Raises RuntimeError with its log's end when it fails."""
+    a bad byte as U+FFFD). Raises RuntimeError with its log's end when it fails (a run that ends
+    without printing its counts is repeated, ``tries`` times in all)."""
     import re
     import subprocess
 
@@ -79,15 +87,38 @@ def run_speculative_tool(model, draft, prompt: str, new_tokens: int, draft_max: 
         cmd.append("--no-repack")  # as the backend: llama.cpp's repacked q8_0 buffers crash on AMX CPUs
     if threads:
         cmd += ["-t", str(threads), "-tb", str(threads), "-td", str(threads), "-tbd", str(threads)]
-    res = subprocess.run(cmd, capture_output=True, timeout=timeout)
-    log = res.stderr.decode("utf-8", errors="replace")
-    found = {k: re.search(rf"{k}\s*=\s*(\d+)", log) for k in ("n_predict", "n_drafted", "n_accept")}
-    speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+    # llama.cpp's logger prints from a worker thread and is never flushed at exit (common/log.cpp
+    # leaks it on purpose), so a run that exits 0 may lose its last lines, the counts among them
+    # (here: 1 run in 10 on a quiet 2-core machine, more than half with the cores busy). Greedy
+    # runs repeat exactly, so such a run is simply repeated, ``tries`` times at most.
+    for _ in range(tries):
+        res = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        log = res.stderr.decode("utf-8", errors="replace")
+        found = {k: re.search(rf"{k}\s*=\s*(\d+)", log) for k in ("n_predict", "n_drafted", "n_accept")}
+        speed = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", log)
+        if res.returncode != 0 or (speed is not None and all(found.values())):
+            break
     if res.returncode != 0 or speed is None or not all(found.values()):
-        raise RuntimeError(f"{SPECULATIVE_TOOL} failed (exit {res.returncode}):\n{log[-2000:]}")
+        raise RuntimeError(f"{SPECULATIVE_TOOL} failed (exit {res.returncode}"
+                           f"{', its counts not printed' if res.returncode == 0 else ''}):\n{log[-2000:]}")
     # stdout: the prompt, then the answer's pieces (bytes: a piece may end inside a character)
     raw, said = res.stdout, prompt.encode()
     text = (raw.split(said, 1)[-1] if said in raw else raw).decode("utf-8", errors="replace")
     n, secs = int(speed.group(1)), float(speed.group(2))
     return {"text": text.strip("\n"), "tok_s": n / secs if secs > 0 else float("inf"),
             **{k: int(m.group(1)) for k, m in found.items()}}
+
+
+def read_draft_gguf(path) -> dict:
+    """The vlsi fields of a draft GGUF (``{}`` for a file without them)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    if DRAFT_LAYER_KEY in r.fields:
+        out["layer"] = int(r.fields[DRAFT_LAYER_KEY].contents())
+    if DRAFT_MODEL_KEY in r.fields:
+        out["model_sha256"] = str(r.fields[DRAFT_MODEL_KEY].contents())
+    if DRAFT_VOCAB_KEY in r.fields:
+        out["vocab"] = [int(t) for t in r.fields[DRAFT_VOCAB_KEY].contents()]
+    return out

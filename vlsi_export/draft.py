@@ -12,16 +12,11 @@ and drafts with its final norm and output matrix (the logit lens at layer ``L``)
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from vlsi.errors import ConfigError
-
-DRAFT_LAYER_KEY = "vlsi.draft.layer"
-DRAFT_MODEL_KEY = "vlsi.draft.model_sha256"
-"""The sha256 of the text model file the draft was cut from (the manifest records the same)."""
-DRAFT_VOCAB_KEY = "vlsi.draft.vocab"
-
+from vlsi.llama_cpp import DRAFT_LAYER_KEY, DRAFT_MODEL_KEY, DRAFT_VOCAB_KEY
+from vlsi.manifest import sha256_file
 
 def draft_vocab(source: str, ck, model_block: dict) -> list[int]:
     """The draft head's token ids: a .json list of ids, or every token of a dataset's answers
@@ -61,14 +56,6 @@ def draft_vocab(source: str, ck, model_block: dict) -> list[int]:
     return sorted(ids)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_draft_gguf(text: Path, dst: Path, layers: int, vocab: list[int] | None = None) -> dict:
     """``dst``: the first ``layers`` blocks of the GGUF text model ``text`` and everything that
     is not a block, as they lie in ``text``; ``vocab`` (the draft head's ids) is recorded for
@@ -91,7 +78,7 @@ def write_draft_gguf(text: Path, dst: Path, layers: int, vocab: list[int] | None
         value = layers if name == count_key else field.contents()
         w.add_key_value(name, value, kind, sub)
     w.add_uint32(DRAFT_LAYER_KEY, layers)
-    w.add_string(DRAFT_MODEL_KEY, file_sha256(text))
+    w.add_string(DRAFT_MODEL_KEY, sha256_file(text))
     if vocab:
         w.add_array(DRAFT_VOCAB_KEY, [int(t) for t in vocab])
     kept = 0
@@ -105,18 +92,3 @@ def write_draft_gguf(text: Path, dst: Path, layers: int, vocab: list[int] | None
     w.write_tensors_to_file()
     w.close()
     return {"layer": layers, "blocks_of": total, "tensors": kept, "bytes": dst.stat().st_size}
-
-
-def read_draft_gguf(path: Path) -> dict:
-    """The vlsi fields of a draft GGUF (``{}`` for a file without them)."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    out = {}
-    if DRAFT_LAYER_KEY in r.fields:
-        out["layer"] = int(r.fields[DRAFT_LAYER_KEY].contents())
-    if DRAFT_MODEL_KEY in r.fields:
-        out["model_sha256"] = str(r.fields[DRAFT_MODEL_KEY].contents())
-    if DRAFT_VOCAB_KEY in r.fields:
-        out["vocab"] = [int(t) for t in r.fields[DRAFT_VOCAB_KEY].contents()]
-    return out

@@ -26,7 +26,6 @@ logits' and image embeddings' largest errors. Torch-free: this is what runs on a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from vlsi.errors import ConfigError
-from vlsi.manifest import ArtifactError, load_manifest, write_manifest
+from vlsi.manifest import ArtifactError, load_manifest, sha256_file, write_manifest
 
 from .trt_presets import weight_bytes as _weight_bytes
 from .trt_presets import budget, check_precision, get_preset, profiles
@@ -74,14 +73,6 @@ def _peak_rss_gib() -> float | None:
     except ImportError:
         return None
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_build_file(folder: Path) -> dict:
@@ -265,7 +256,7 @@ def build(artifact, preset: str | None = None, max_context: int | None = None, m
                 with open(out, "wb") as f:
                     f.write(memoryview(plan))
                 del plan
-                graphs[name] = {"plan": out.name, "bytes": out.stat().st_size, "sha256": _sha256(out),
+                graphs[name] = {"plan": out.name, "bytes": out.stat().st_size, "sha256": sha256_file(out),
                                 "seconds": round(time.perf_counter() - t0, 2), "peak_host_rss_gib": _peak_rss_gib(),
                                 "precision": manifest.graph(name).precision}
                 print(f"  {name}: {graphs[name]['bytes'] / 2**20:.1f} MiB in {graphs[name]['seconds']:.0f} s",
