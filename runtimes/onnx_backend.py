@@ -65,6 +65,7 @@ class OnnxRuntime(SpecRuntime):
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.providers = providers or default_providers()
         self.split = m.decoder_split
+        self._invariant: bool | None = None  # see _rows_invariant
         if self.split is None:  # format 2: one decoder graph that computes every kept head at every step
             eager, self._heads = ("vision", "embed", "decoder"), {}
         else:
@@ -195,8 +196,22 @@ class OnnxRuntime(SpecRuntime):
 
     # ------------------------------------------------------------------ self-speculative decoding
     EXACT = ("fp32", "int8-nbits", "int4")
-    """Precisions whose weight products are batch-invariant (fp32 MatMul, MatMulNBits at accuracy
-    level 4): with row-by-row attention, a verifying pass equals one-by-one decoding bit for bit."""
+    """Precisions whose weight products can be batch-invariant (fp32 MatMul, MatMulNBits at
+    accuracy level 4): with row-by-row attention, a verifying pass then equals one-by-one decoding
+    bit for bit. Whether they are depends on the kernels ONNX Runtime picks for this CPU, so
+    :meth:`_rows_invariant` checks it on the artifact before speculating."""
+
+    def _rows_invariant(self) -> bool:
+        """Whether the LM head graph (the decoder's weight product at its largest: the same op,
+        precision and block size as the segments') gives each row of a 3-row batch exactly what
+        that row gives alone, on this machine. Not everywhere so: int4 MatMulNBits gives one row
+        another result than several on an AVX2-only EPYC (its one-row kernel), the same on an
+        AVX-512 Xeon; fp32 and 8-bit agree on both. Checked once per runtime."""
+        if self._invariant is None:
+            x = np.random.default_rng(0).standard_normal((1, 3, self.model["hidden_size"])).astype(np.float32)
+            rows = self._head_rows(x)
+            self._invariant = all(np.array_equal(self._head_rows(x[:, t:t + 1])[0], rows[t]) for t in range(3))
+        return self._invariant
 
     def _speculation_check(self, spec) -> None:
         where = f"{self.folder}: "
@@ -220,6 +235,12 @@ class OnnxRuntime(SpecRuntime):
             raise ConfigError(f"{where}speculative decoding on {precision!r} would not give plain decoding's tokens "
                               f"(its weight products are not batch-invariant); export with --quant "
                               f"{' or '.join(self.EXACT)}")
+        if not self._rows_invariant():
+            others = [p for p in self.EXACT if p != precision]
+            raise ConfigError(f"{where}speculative decoding on {precision!r} would not give plain decoding's tokens on "
+                              f"this CPU: ONNX Runtime's {precision} weight products give one row another result than "
+                              f"a batch of rows here (checked on {self.graphs[self.split.lm_head.graph].file}); export "
+                              f"with --quant {' or '.join(others)}")
         self._draft_layer = spec.layer
         cut = [i for i, seg in enumerate(self.split.segments) if seg.last_layer == spec.layer][0] + 1
         self._lower, self._upper = self.split.segments[:cut], self.split.segments[cut:]

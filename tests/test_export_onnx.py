@@ -10,6 +10,7 @@ import pytest
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
+import vlsi_runtimes  # noqa: E402
 from vlsi.errors import ConfigError  # noqa: E402
 from vlsi.manifest import ArtifactError, load_manifest  # noqa: E402
 from vlsi_export import get_target, targets  # noqa: E402
@@ -131,8 +132,12 @@ def test_quantised_decoders_stay_close(tiny_ckpt, artifact, tmp_path, quant):
     tol = {"fp16": 1e-2, "int8": 0.1, "int8-nbits": 0.1, "int4": 0.3}[quant]
     for a, b in [(got, ref), *((got_verb[k], ref_verb[k]) for k in ref_verb)]:
         assert np.abs(a - b).max() < tol * max(1.0, np.abs(b).max())
-    if quant in ("int8-nbits", "int4"):
-        _assert_rows_invariant(out / mq.graph("lm_head").file, mq.model["hidden_size"])
+    if quant in ("int8-nbits", "int4"):  # what self-speculative decoding's exactness rests on
+        invariant = _rows_invariant(out / mq.graph("lm_head").file, mq.model["hidden_size"])
+        # 8-bit blocks: on every CPU tried; int4: not on an AVX2-only EPYC (its one-row kernel),
+        # where the runtime finds it and refuses to speculate (tests/test_speculative.py)
+        assert invariant or quant == "int4"
+        assert vlsi_runtimes.load(out)._rows_invariant() == invariant
     if quant in ("int8", "int8-nbits", "int4"):  # every weight product is quantised, the LM and verbalizer heads included
         import onnx
 
@@ -143,14 +148,13 @@ def test_quantised_decoders_stay_close(tiny_ckpt, artifact, tmp_path, quant):
             assert not left, f"{quant} {name}: float weight products left: {left}"
 
 
-def _assert_rows_invariant(path, hidden: int) -> None:
-    """Graph ``path`` (``(1, T, hidden) -> (1, T, V)``) gives every row of 7 exactly what it gives alone."""
+def _rows_invariant(path, hidden: int) -> bool:
+    """Whether graph ``path`` (``(1, T, hidden) -> (1, T, V)``) gives every row of 7 exactly what it gives alone."""
     sess = ort.InferenceSession(str(path))
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(1).standard_normal((1, 7, hidden)).astype(np.float32)
     together = sess.run(None, {name: x})[0]
-    for t in range(7):
-        assert np.array_equal(sess.run(None, {name: x[:, t:t + 1]})[0][0, 0], together[0, t]), t
+    return all(np.array_equal(sess.run(None, {name: x[:, t:t + 1]})[0][0, 0], together[0, t]) for t in range(7))
 
 
 @pytest.mark.slow
@@ -158,7 +162,7 @@ def test_fp32_weight_products_are_batch_invariant(artifact):
     """fp32's LM head gives each row of a batch bit for bit what the row gives alone (what
     verifying several drafted tokens in one pass needs to equal decoding them one by one)."""
     m = load_manifest(artifact)
-    _assert_rows_invariant(artifact / m.graph("lm_head").file, m.model["hidden_size"])
+    assert _rows_invariant(artifact / m.graph("lm_head").file, m.model["hidden_size"])
 
 
 @pytest.mark.slow

@@ -211,6 +211,17 @@ def test_exact_at_8_bit_block_weights_and_refused_where_it_cannot_be(tiny_ckpt, 
     for images, prompt in PROMPTS[:3]:
         plain, drafted, _ = _both(rt, images, prompt, 20, {"layer": 1, "tokens": 4})
         assert drafted == plain
+    # int4: exact where this CPU's kernels give a row alone what it gets in a batch; the runtime
+    # checks that on the artifact and refuses otherwise, naming the precisions left
+    q4 = get_target("onnx")(tiny_ckpt, tmp_path / "q4", quant="int4", verbalizers=True, validate=False)
+    rt4 = vlsi_runtimes.load(q4)
+    if rt4._rows_invariant():
+        plain, drafted, _ = _both(rt4, *PROMPTS[0], 20, {"layer": 1, "tokens": 4})
+        assert drafted == plain
+    rt4._invariant = False  # what an AVX2-only EPYC finds (tests/test_export_onnx.py)
+    with pytest.raises(ConfigError, match="'int4' would not give plain decoding's tokens on this CPU.*"
+                                          "lm_head.onnx.*--quant fp32 or int8-nbits$"):
+        rt4.generate([], "hi", speculative={"layer": 1})
     dyn = get_target("onnx")(tiny_ckpt, tmp_path / "i8", quant="int8", verbalizers=True, validate=False)
     with pytest.raises(ConfigError, match="not batch-invariant.*--quant fp32 or int8-nbits or int4"):
         vlsi_runtimes.load(dyn).generate([], "hi", speculative={"layer": 1})

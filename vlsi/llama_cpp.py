@@ -68,7 +68,7 @@ def speculative_tool() -> str | None:
 
 
 def run_speculative_tool(model, draft, prompt: str, new_tokens: int, draft_max: int, threads: int = 0,
-                         p_min: float = 0.0, n_ctx: int = 2048, timeout: float = 600, tries: int = 8) -> dict:
+                         p_min: float = 0.0, n_ctx: int = 2048, timeout: float = 600, tries: int = 20) -> dict:
     """One greedy run of llama.cpp's ``llama-speculative-simple`` (target ``model``, draft model
     ``draft``, ``prompt`` as text with its special tokens) -> ``{"text", "tok_s", "n_predict",
     "n_drafted", "n_accept"}`` as the tool prints them (``text``: the answer's bytes read as UTF-8,
