@@ -89,8 +89,9 @@ def run_speculative_tool(model, draft, prompt: str, new_tokens: int, draft_max: 
         cmd += ["-t", str(threads), "-tb", str(threads), "-td", str(threads), "-tbd", str(threads)]
     # llama.cpp's logger prints from a worker thread and is never flushed at exit (common/log.cpp
     # leaks it on purpose), so a run that exits 0 may lose its last lines, the counts among them
-    # (here: 1 run in 10 on a quiet 2-core machine, more than half with the cores busy). Greedy
-    # runs repeat exactly, so such a run is simply repeated, ``tries`` times at most.
+    # (on a 2-core machine: none of 40 short runs alone, 23 of 40 with both cores busy, about one
+    # in three inside `vlsi bench`). Greedy runs repeat exactly, so such a run is repeated,
+    # ``tries`` times at most.
     for _ in range(tries):
         res = subprocess.run(cmd, capture_output=True, timeout=timeout)
         log = res.stderr.decode("utf-8", errors="replace")

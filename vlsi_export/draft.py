@@ -18,6 +18,7 @@ from vlsi.errors import ConfigError
 from vlsi.llama_cpp import DRAFT_LAYER_KEY, DRAFT_MODEL_KEY, DRAFT_VOCAB_KEY
 from vlsi.manifest import sha256_file
 
+
 def draft_vocab(source: str, ck, model_block: dict) -> list[int]:
     """The draft head's token ids: a .json list of ids, or every token of a dataset's answers
     (its last assistant turns) plus the end-of-sequence ids; sorted, checked against the vocabulary."""
