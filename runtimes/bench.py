@@ -162,15 +162,23 @@ def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> 
     image = Image.fromarray((rng.random((image_size, image_size, 3)) * 255).astype("uint8"))
     first = [{"role": "user", "content": [{"type": "image", "image": image},
                                           {"type": "text", "text": "Describe the picture."}]}]
-    # the first turn as a chat client gets it: the answer ends at the model's end of turn
-    said = list(rt.stream_tokens(first, None, answer_tokens, reuse=False))
-    answer = rt.decode(said)
-    follow = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "What colour is it?"}]
-    prompt = rt.encode(follow)
-    # a client sends the answer back as text: where it does not re-tokenise to the generated ids
-    # (random weights say odd things) the reuse stops there, as it does in llama-server
+    # the first turn as a chat client gets it, and the follow-up with that answer sent back as
+    # text. Where the text does not re-tokenise to the generated ids, reuse stops there, as in
+    # llama-server; a trained model's answers do, but random weights say odd things, so the
+    # answer is cut to its longest start that does (``followup_answer_tokens``; none: the
+    # first turn is served one token, and the follow-up shows an empty answer)
     first_ids = rt.encode(first).ids
-    roundtrip = prompt.ids[len(first_ids):len(first_ids) + len(said)] == [int(t) for t in said]
+    said = [int(t) for t in rt.stream_tokens(first, None, answer_tokens, reuse=False)]
+
+    def conversation(m: int):
+        return [*first, {"role": "assistant", "content": rt.decode(said[:m])},
+                {"role": "user", "content": "What colour is it?"}]
+
+    keep = next((m for m in range(len(said), 0, -1)
+                 if rt.encode(conversation(m)).ids[len(first_ids):len(first_ids) + m] == said[:m]), 0)
+    roundtrip = keep == len(said)
+    answer_tokens = max(keep, 1)
+    prompt = rt.encode(conversation(keep))
 
     def ttft(reuse: bool) -> tuple[float, int]:
         if reuse:
@@ -192,6 +200,7 @@ def follow_up(rt, runs: int, image_size: int = 224, answer_tokens: int = 16) -> 
         warm.append(took)
     cold_s, warm_s = statistics.median(cold[1:]), statistics.median(warm[1:])
     return {"followup_image_size": image_size, "followup_answer_roundtrip": roundtrip,
+            "followup_first_turn_tokens": len(first_ids), "followup_answer_tokens": keep,
             "followup_prompt_tokens": len(prompt.ids), "followup_cached_tokens": cached,
             "followup_image_tokens": sum(n for _, n in prompt.spans), "followup_ttft_cold_s": cold_s,
             "followup_ttft_reused_s": warm_s, "followup_reused_frac": warm_s / cold_s}
@@ -218,14 +227,15 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
             tok = int(llm.scores[llm.n_tokens - 1].argmax())
         return (new_tokens - 1) / (time.perf_counter() - t)
 
-    ours_tps, engine_tps = _paired(rt, prompt, new_tokens, runs, engine, {})
-    return {"engine": "Llama", "engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps,
-            "x_engine": ours_tps / engine_tps}
+    return {"engine": "Llama", **_paired(rt, prompt, new_tokens, runs, engine, {})}
 
 
-def _paired(rt, prompt: str, new_tokens: int, runs: int, engine, said: dict) -> tuple[float, float]:
-    """Median decode tok/s of vlsi's backend and of ``engine()`` on a text prompt, alternating
-    (the first of each warms up); ``said["ours"]`` gets the backend's tokens."""
+def _paired(rt, prompt: str, new_tokens: int, runs: int, engine, said: dict) -> dict:
+    """vlsi's backend and ``engine()`` decoding a text prompt in pairs, the order flipping each
+    round (ours first, then the engine first) so that neither always runs on a cache the other
+    warmed; the first pair warms up. -> median decode tok/s of each and the median of the
+    ratios round by round (a round's two runs see the same machine state, so a busy moment moves
+    both). ``said["ours"]`` gets the backend's tokens."""
 
     def ours():
         it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True, reuse=False)
@@ -237,22 +247,28 @@ def _paired(rt, prompt: str, new_tokens: int, runs: int, engine, said: dict) -> 
         return (len(toks) - 1) / took
 
     a, b = [], []
-    for _ in range(runs + 1):
-        a.append(ours())
-        b.append(engine())
-    return statistics.median(a[1:]), statistics.median(b[1:])
+    for r in range(runs + 1):
+        if r % 2:
+            b.append(engine())
+            a.append(ours())
+        else:
+            a.append(ours())
+            b.append(engine())
+    rounds = [x / y for x, y in zip(a[1:], b[1:])]
+    return {"paired_decode_tok_s": statistics.median(a[1:]), "engine_decode_tok_s": statistics.median(b[1:]),
+            "x_engine": statistics.median(rounds), "x_engine_rounds": rounds}
 
 
 def _onnx_engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int) -> dict:
     """A plain ONNX Runtime decode loop over the same graph files (embedding, the decoder
-    segments, the LM head on the last position, argmax), with sessions of its own made with
-    the same options, alternating with vlsi's backend in this process: the gap is vlsi's."""
-    import onnxruntime as ort
-
+    segments, the LM head on the last position, argmax), alternating with vlsi's backend in
+    this process: the gap is vlsi's. It drives the backend's own ``InferenceSession`` objects
+    (made from those files with plain session options), so both loops read the very same
+    weights in memory (no second copy of a 2 GB fp32 decoder) and differ only in the code
+    that drives them."""
     m, split = rt.manifest, rt.split
     graphs = {name: m.graph(name) for name in ("embed", *(s.graph for s in split.segments), split.lm_head.graph)}
-    sess = {name: ort.InferenceSession(str(rt.folder / g.file), rt._options, providers=rt.providers)
-            for name, g in graphs.items()}
+    sess = {name: rt.sessions[name] for name in graphs}
     ids = np.asarray([rt.encode([], prompt).ids], np.int64)
     axes = rt.spec.position_axes
     shape = (1, rt.kv_heads, 0, rt.head_dim)
@@ -288,9 +304,8 @@ def _onnx_engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads:
         said["engine"] = toks
         return (new_tokens - 1) / took
 
-    ours_tps, engine_tps = _paired(rt, prompt, new_tokens, runs, engine, said)
-    return {"engine": "onnxruntime", "engine_decode_tok_s": engine_tps, "paired_decode_tok_s": ours_tps,
-            "x_engine": ours_tps / engine_tps, "engine_same_tokens": said["engine"] == said["ours"]}
+    row = _paired(rt, prompt, new_tokens, runs, engine, said)
+    return {"engine": "onnxruntime", **row, "engine_same_tokens": said["engine"] == said["ours"]}
 
 
 SPEC_PROMPTS = ("Describe a red square next to a blue circle.", "Count the shapes and name their colours.",
@@ -547,12 +562,14 @@ def format_rows(rows: list[dict]) -> str:
     if paired:
         lines += ["", "Each artifact against its engine driven directly on the same files (llama-cpp-python's own "
                       "`Llama`; a plain ONNX Runtime loop over the same graphs and session options), text prompt, "
-                      "alternating in one process:", "",
-                  "| backend | precision | verbalizers | vlsi backend tok/s | engine | engine tok/s | vlsi / engine |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                      "alternating in one process (the order flipping each round); vlsi / engine is the median of the ratios "
+                      "round by round:", "",
+                  "| backend | precision | verbalizers | vlsi backend tok/s | engine | engine tok/s | vlsi / engine | "
+                  "per round |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['backend']} | {r['precision']} | {','.join(map(str, r.get('verbalizers', []))) or '-'} | "
                   f"{r['paired_decode_tok_s']:.1f} | {r.get('engine', 'Llama')} | {r['engine_decode_tok_s']:.1f} | "
-                  f"{100 * r['x_engine']:.0f}% |" for r in paired]
+                  f"{100 * r['x_engine']:.0f}% | {', '.join(f'{100 * v:.0f}%' for v in r['x_engine_rounds'])} |"
+                  for r in paired]
     follow = [r for r in rows if "followup_ttft_cold_s" in r]
     if follow:
         lines += ["", f"Follow-up question about an image already seen ({follow[0]['followup_image_size']} px, "

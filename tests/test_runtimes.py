@@ -131,9 +131,12 @@ def test_bench_table(pair, tiny_ckpt, tmp_path):
     # paired with a plain ONNX Runtime loop over the same graphs, which decodes the same tokens
     o = rows[1]
     assert o["engine"] == "onnxruntime" and o["engine_same_tokens"] is True
+    assert o["x_engine_rounds"] == [o["x_engine"]]  # one round: its ratio
     assert o["x_engine"] == pytest.approx(o["paired_decode_tok_s"] / o["engine_decode_tok_s"])
     assert "vlsi / engine" in res.output
     for r in rows:  # the follow-up rows: the reused prefix holds the whole first turn, image included
         assert r["followup_cached_tokens"] > r["followup_image_tokens"] > 0
+        # ... and the answer's tokens that the runtime fed (all but the last it decoded)
+        assert r["followup_cached_tokens"] == r["followup_first_turn_tokens"] + max(r["followup_answer_tokens"] - 1, 0)
         assert r["followup_ttft_cold_s"] > 0 and r["followup_ttft_reused_s"] > 0
     assert "TTFT reused s" in res.output
