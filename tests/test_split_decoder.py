@@ -219,6 +219,30 @@ def test_plain_decoding_runs_no_head_graph(onnx_artifact):
     assert heads <= set(calls) and heads <= set(rt.sessions)
 
 
+def test_kept_heads_benchmark_pairs_both_load_orders(onnx_artifact, tiny_ckpt, tmp_path):
+    """``python -m vlsi_runtimes.bench kept-heads PLAIN KEPT``: the artifact without heads and the
+    one with them decode side by side in one process, in both load orders, round by round; both
+    decode the same tokens; the figure is the geometric mean of the two orders' medians."""
+    import math
+    import subprocess
+    import sys
+
+    from vlsi_runtimes.bench import format_kept_heads, measure_kept_heads
+
+    plain = get_target("onnx")(tiny_ckpt, tmp_path / "plain", verbalizers=False)
+    row = measure_kept_heads(str(plain), str(onnx_artifact), new_tokens=4, runs=3, threads=1)
+    assert row["verbalizers"] == [1, 3, 5] and row["backend"] == "onnx"
+    assert [o["loaded_first"] for o in row["orders"]] == ["plain", "kept"]
+    for o in row["orders"]:
+        assert o["same_tokens"] is True and len(o["rounds_x_plain"]) == 3
+        assert o["x_plain"] == sorted(o["rounds_x_plain"])[1] > 0
+    assert row["x_plain"] == pytest.approx(math.sqrt(row["orders"][0]["x_plain"] * row["orders"][1]["x_plain"]))
+    assert "both load orders" in format_kept_heads(row)
+    out = subprocess.run([sys.executable, "-m", "vlsi_runtimes.bench", "kept-heads", str(plain), str(onnx_artifact),
+                          "3", "1", "1"], capture_output=True, text=True, check=True).stdout
+    assert "| plain |" in out and "| kept |" in out
+
+
 def test_heads_on_demand_equal_the_one_graph_artifact(onnx_artifact, format2, tiny_ckpt):
     """The split artifact answers as the format-2 artifact of the same model (which still loads):
     every head's logits after the prompt and along a continuation, greedy tokens, verbalizations;
