@@ -621,7 +621,7 @@ def format_rows(rows: list[dict]) -> str:
     paired = [r for r in rows if "x_engine" in r]
     if paired:
         lines += ["", "Each artifact against its engine driven directly on the same files (llama-cpp-python's own "
-                      "`Llama`; a plain ONNX Runtime loop over the same graphs and session options), text prompt, "
+                      "`Llama`; a plain ONNX Runtime loop driving the same sessions), text prompt, "
                       "alternating in one process (the order flipping each round); vlsi / engine is the median of the ratios "
                       "round by round:", "",
                   "| backend | precision | verbalizers | vlsi backend tok/s | engine | engine tok/s | vlsi / engine | "
