@@ -231,32 +231,44 @@ def _engine_reference(rt, prompt: str, new_tokens: int, runs: int, threads: int)
     return {"engine": "Llama", **_paired(rt, prompt, new_tokens, runs, engine, {})}
 
 
-def _paired(rt, prompt: str, new_tokens: int, runs: int, engine, said: dict) -> dict:
-    """vlsi's backend and ``engine()`` decoding a text prompt in pairs, the order flipping each
-    round (ours first, then the engine first) so that neither always runs on a cache the other
-    warmed; the first pair warms up. -> median decode tok/s of each and the median of the
-    ratios round by round (a round's two runs see the same machine state, so a busy moment moves
-    both). ``said["ours"]`` gets the backend's tokens."""
+def _decode_rate(rt, prompt: str, new_tokens: int) -> tuple[float, list[int]]:
+    """Decode tok/s of ``rt`` on a text prompt (the first token, after the prefill, not timed)
+    and the tokens it decoded."""
+    it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True, reuse=False)
+    toks = [next(it)]
+    t = time.perf_counter()
+    toks += list(it)
+    return (len(toks) - 1) / (time.perf_counter() - t), toks
 
-    def ours():
-        it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True, reuse=False)
-        toks = [next(it)]
-        t = time.perf_counter()
-        toks += list(it)
-        took = time.perf_counter() - t
-        said["ours"] = toks
-        return (len(toks) - 1) / took
 
+def _alternating(one, other, runs: int) -> tuple[list, list]:
+    """``runs`` results of each of two measurements, in rounds whose order flips (one first,
+    then the other first) so that neither always runs on a cache the other warmed; a first
+    round warms up and is dropped."""
     a, b = [], []
     for r in range(runs + 1):
         if r % 2:
-            b.append(engine())
-            a.append(ours())
+            b.append(other())
+            a.append(one())
         else:
-            a.append(ours())
-            b.append(engine())
-    rounds = [x / y for x, y in zip(a[1:], b[1:])]
-    return {"paired_decode_tok_s": statistics.median(a[1:]), "engine_decode_tok_s": statistics.median(b[1:]),
+            a.append(one())
+            b.append(other())
+    return a[1:], b[1:]
+
+
+def _paired(rt, prompt: str, new_tokens: int, runs: int, engine, said: dict) -> dict:
+    """vlsi's backend and ``engine()`` decoding a text prompt, alternating (:func:`_alternating`)
+    -> median decode tok/s of each and the median of the ratios round by round (a round's two
+    runs see the same machine state, so a busy moment moves both). ``said["ours"]`` gets the
+    backend's tokens."""
+
+    def ours():
+        tps, said["ours"] = _decode_rate(rt, prompt, new_tokens)
+        return tps
+
+    a, b = _alternating(ours, engine, runs)
+    rounds = [x / y for x, y in zip(a, b)]
+    return {"paired_decode_tok_s": statistics.median(a), "engine_decode_tok_s": statistics.median(b),
             "x_engine": statistics.median(rounds), "x_engine_rounds": rounds}
 
 
@@ -493,26 +505,21 @@ def measure_kept_heads(plain: str, kept: str, new_tokens: int = 64, runs: int = 
     kw = {"threads": threads} if threads else {}
 
     def rate(rt, said: list):
-        it = rt.stream_tokens([], rt.encode([], prompt), new_tokens, ignore_eos=True, reuse=False)
-        toks = [next(it)]
-        t = time.perf_counter()
-        toks += list(it)
-        took = time.perf_counter() - t
-        said.append(toks)
-        return (len(toks) - 1) / took
+        def run():
+            tps, toks = _decode_rate(rt, prompt, new_tokens)
+            said.append(toks)
+            return tps
+        return run
 
     orders = []
     for first, second in ((plain, kept), (kept, plain)):
         rts = {first: vlsi_runtimes.load(first, **kw)}
         rts[second] = vlsi_runtimes.load(second, **kw)
-        tps: dict = {plain: [], kept: []}
         said: dict = {plain: [], kept: []}
-        for r in range(runs + 1):
-            for path in ((plain, kept) if r % 2 == 0 else (kept, plain)):
-                tps[path].append(rate(rts[path], said[path]))
-        rounds = [k / p for p, k in zip(tps[plain][1:], tps[kept][1:])]
+        p_tps, k_tps = _alternating(rate(rts[plain], said[plain]), rate(rts[kept], said[kept]), runs)
+        rounds = [k / p for p, k in zip(p_tps, k_tps)]
         orders.append({"loaded_first": "plain" if first == plain else "kept",
-                       "plain_tok_s": statistics.median(tps[plain][1:]), "kept_tok_s": statistics.median(tps[kept][1:]),
+                       "plain_tok_s": statistics.median(p_tps), "kept_tok_s": statistics.median(k_tps),
                        "x_plain": statistics.median(rounds), "rounds_x_plain": rounds,
                        "same_tokens": said[plain] == said[kept]})
         for rt in rts.values():
